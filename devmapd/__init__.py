@@ -1,0 +1,2 @@
+"""devmapd: preloaded PyTorch checkpoints, shared zero-copy over a Unix socket."""
+__version__ = "0.1.0"

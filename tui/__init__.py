@@ -1,0 +1,1 @@
+"""The devmapd Textual dashboard."""
