@@ -1,0 +1,185 @@
+"""The structure of a loaded checkpoint as JSON, with tensors replaced by indices.
+
+A checkpoint is whatever ``torch.load(weights_only=True)`` returns: nested containers of
+scalars, strings, bytes, torch metadata objects and tensors. The daemon keeps tensor bytes in an
+arena and ships only this *shape* of the object over the socket; the client rebuilds it with
+``decode`` around the tensors it attached.
+
+Encoding (docs/INTERNALS.md "tree.py"): JSON scalars (None, bool, int, str, finite float) are
+themselves; everything else is a dict tagged ``"@"``::
+
+    {"@": "tensor", "i": 3}                      tensors, by index into the manifest
+    {"@": "dict" | "odict" | "counter", "items": [[k, v], ...]}   keys are nodes too
+    {"@": "list" | "tuple" | "set", "items": [...]}
+    {"@": "bytes" | "bytearray", "b64": "..."}
+    {"@": "float", "v": "nan" | "inf" | "-inf"}
+    {"@": "complex", "re": node, "im": node}
+    {"@": "size", "v": [...]}  {"@": "dtype", "v": "float32"}  {"@": "device", "v": "cuda:0"}
+    {"@": "layout", "v": "strided"}  {"@": "qscheme", "v": "per_tensor_affine"}
+
+``counter``, ``bytearray``, ``complex``, ``layout`` and ``qscheme`` go beyond the INTERNALS list:
+they are in torch's weights_only allow-list, so a checkpoint can contain them.
+
+Because a plain JSON object is never a scalar here, no user data can be mistaken for a tag.
+Shared sub-containers are encoded once per reference (tensors keep their identity through the
+index); reference cycles are refused by the depth guard.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["TreeError", "MAX_DEPTH", "encode", "decode"]
+
+# Deep enough for any real checkpoint (Lightning nests ~6 levels), shallow enough that neither
+# encode nor decode can hit Python's recursion limit (1000 frames) on hostile input.
+MAX_DEPTH = 200
+
+
+class TreeError(ValueError):
+    """The object (or its encoded form) cannot be represented; the message says what and where."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    _dtype_name(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
+_LAYOUTS: dict[str, torch.layout] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.layout)
+}
+_QSCHEMES: dict[str, torch.qscheme] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.qscheme)
+}
+
+
+def _too_deep(path: str) -> TreeError:
+    return TreeError(
+        f"checkpoint structure is nested more than {MAX_DEPTH} levels deep at {path or '<top>'} "
+        "(or contains a reference cycle); flatten it before serving it"
+    )
+
+
+def encode(obj: Any, tensor_index: Callable[[torch.Tensor], int]) -> Any:
+    """Encode ``obj`` as JSON-able data; ``tensor_index(t)`` gives each tensor's manifest index."""
+    return _enc(obj, tensor_index, 0, "")
+
+
+def _enc(obj: Any, ti: Callable[[torch.Tensor], int], depth: int, path: str) -> Any:
+    if depth > MAX_DEPTH:
+        raise _too_deep(path)
+    # Exact-type checks first: bool is an int subclass, torch.Size a tuple subclass,
+    # OrderedDict/Counter dict subclasses; each must keep its own type through the round trip.
+    t = type(obj)
+    if obj is None or t is bool or t is int or t is str:
+        return obj
+    if t is float:
+        if math.isfinite(obj):
+            return obj
+        return {"@": "float", "v": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, torch.Tensor):  # Parameter included: TensorEntry.parameter records it
+        return {"@": "tensor", "i": int(ti(obj))}
+    d = depth + 1
+    if t is dict or t is collections.OrderedDict or t is collections.Counter:
+        tag = {dict: "dict", collections.OrderedDict: "odict", collections.Counter: "counter"}[t]
+        return {"@": tag, "items": [[_enc(k, ti, d, f"{path}.<key>"), _enc(v, ti, d, f"{path}.{k}" if type(k) in (str, int) else f"{path}.<key>")]
+                                    for k, v in obj.items()]}
+    if t is torch.Size:
+        return {"@": "size", "v": [int(x) for x in obj]}
+    if t is list or t is tuple:
+        return {"@": "list" if t is list else "tuple",
+                "items": [_enc(v, ti, d, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if t is set:
+        return {"@": "set", "items": [_enc(v, ti, d, f"{path}.<item>") for v in obj]}
+    if t is bytes or t is bytearray:
+        return {"@": t.__name__, "b64": base64.b64encode(obj).decode("ascii")}
+    if t is complex:
+        return {"@": "complex", "re": _enc(obj.real, ti, d, path), "im": _enc(obj.imag, ti, d, path)}
+    if t is torch.dtype:
+        return {"@": "dtype", "v": _dtype_name(obj)}
+    if t is torch.device:
+        return {"@": "device", "v": str(obj)}
+    if t is torch.layout:
+        return {"@": "layout", "v": str(obj).removeprefix("torch.")}
+    if t is torch.qscheme:
+        return {"@": "qscheme", "v": str(obj).removeprefix("torch.")}
+    raise TreeError(
+        f"cannot serve a checkpoint holding a {t.__module__}.{t.__qualname__} at "
+        f"{path or '<top>'}; only what torch.load(weights_only=True) returns is supported"
+    )
+
+
+def decode(node: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild the object encoded by ``encode`` around ``tensors`` (indexed by tensor leaves)."""
+    return _dec(node, tensors, 0)
+
+
+def _bad(node: Any, why: str) -> TreeError:
+    text = repr(node)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return TreeError(f"malformed checkpoint structure: {why} in {text}")
+
+
+def _dec(node: Any, tensors: Sequence[torch.Tensor], depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise _too_deep("")
+    t = type(node)
+    if node is None or t is bool or t is int or t is str or t is float:
+        return node
+    if t is not dict:
+        raise _bad(node, f"unexpected JSON {t.__name__}")
+    tag = node.get("@")
+    d = depth + 1
+    try:
+        if tag == "tensor":
+            i = node["i"]
+            if type(i) is not int or not 0 <= i < len(tensors):
+                raise _bad(node, f"tensor index out of range (have {len(tensors)})")
+            return tensors[i]
+        if tag in ("dict", "odict", "counter"):
+            cls = {"dict": dict, "odict": collections.OrderedDict, "counter": collections.Counter}[tag]
+            out = cls()
+            for k, v in node["items"]:
+                out[_dec(k, tensors, d)] = _dec(v, tensors, d)
+            return out
+        if tag == "list":
+            return [_dec(v, tensors, d) for v in node["items"]]
+        if tag == "tuple":
+            return tuple(_dec(v, tensors, d) for v in node["items"])
+        if tag == "set":
+            return {_dec(v, tensors, d) for v in node["items"]}
+        if tag == "bytes":
+            return base64.b64decode(node["b64"], validate=True)
+        if tag == "bytearray":
+            return bytearray(base64.b64decode(node["b64"], validate=True))
+        if tag == "float":
+            v = node["v"]
+            if v not in ("nan", "inf", "-inf"):
+                raise _bad(node, "special float must be nan, inf or -inf")
+            return float(v)
+        if tag == "complex":
+            return complex(_dec(node["re"], tensors, d), _dec(node["im"], tensors, d))
+        if tag == "size":
+            return torch.Size([int(x) for x in node["v"]])
+        if tag == "dtype":
+            return _DTYPES[node["v"]]
+        if tag == "device":
+            return torch.device(node["v"])
+        if tag == "layout":
+            return _LAYOUTS[node["v"]]
+        if tag == "qscheme":
+            return _QSCHEMES[node["v"]]
+    except TreeError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        # TypeError covers unhashable keys/set members; ValueError bad base64; RuntimeError a bad device
+        raise _bad(node, f"{type(e).__name__}: {e}") from None
+    raise _bad(node, f"unknown tag {tag!r}")
