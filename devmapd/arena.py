@@ -378,21 +378,16 @@ def _map_segment(fd: int, nbytes: int) -> torch.UntypedStorage:
     return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=nbytes)
 
 
-def _check_entry(i: int, e: TensorEntry, seg_nbytes: int, itemsize: int) -> None:
+def _bad_entry(i: int, e: TensorEntry, seg_nbytes: int, itemsize: int) -> ArenaError:
     if e.offset < 0 or e.storage_nbytes < 0 or e.offset + e.storage_nbytes > seg_nbytes:
-        raise ArenaError(f"tensor {i}: storage [{e.offset}, +{e.storage_nbytes}) lies outside "
-                         f"its {seg_nbytes}-byte segment; the manifest is corrupt")
+        return ArenaError(f"tensor {i}: storage [{e.offset}, +{e.storage_nbytes}) lies outside "
+                          f"its {seg_nbytes}-byte segment; the manifest is corrupt")
     if e.offset % itemsize:
-        raise ArenaError(f"tensor {i}: byte offset {e.offset} is not a multiple of the "
-                         f"{e.dtype} item size {itemsize}; the manifest is corrupt")
-    if len(e.shape) != len(e.stride) or e.storage_offset < 0 or any(s < 0 for s in e.shape) \
-            or any(s < 0 for s in e.stride):
-        raise ArenaError(f"tensor {i}: bad shape {e.shape} / stride {e.stride}")
-    if all(e.shape):
-        last = e.storage_offset + sum((n - 1) * s for n, s in zip(e.shape, e.stride))
-        if (last + 1) * itemsize > e.storage_nbytes:
-            raise ArenaError(f"tensor {i}: shape {e.shape} stride {e.stride} reads past its "
-                             f"{e.storage_nbytes}-byte storage; the manifest is corrupt")
+        return ArenaError(f"tensor {i}: byte offset {e.offset} is not a multiple of the "
+                          f"{e.dtype} item size {itemsize}; the manifest is corrupt")
+    return ArenaError(f"tensor {i}: shape {e.shape} stride {e.stride} at element "
+                      f"{e.storage_offset} does not fit its {e.storage_nbytes}-byte storage; "
+                      "the manifest is corrupt")
 
 
 def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_index: int,
@@ -410,20 +405,36 @@ def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_i
     seg_nbytes = manifest.segments[segment_index].nbytes
     storages: dict[tuple[int, int], torch.UntypedStorage] = {}
     dtypes: dict[str, torch.dtype] = {}
+    templates: dict[torch.dtype, torch.Tensor] = {}   # new_empty on one is ~15% cheaper than torch.empty
     empty = torch.empty
     param = torch.nn.Parameter
+    dev = base.device
+    if seg_nbytes and not base.nbytes() >= seg_nbytes:
+        raise ArenaError(f"segment {segment_index} buffer holds {base.nbytes()} bytes, "
+                         f"manifest expects {seg_nbytes}")
     for i, e in enumerate(manifest.tensors):
         if e.segment != segment_index:
             continue
         dt = dtypes.get(e.dtype)
         if dt is None:
             dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
-        _check_entry(i, e, seg_nbytes, dt.itemsize)
-        key = (e.offset, e.storage_nbytes)
+            templates[dt] = empty(0, dtype=dt, device=dev)
+        off, snb = e.offset, e.storage_nbytes
+        # Bounds here because storage slicing clamps silently; shape/stride/storage_offset
+        # against the storage size is checked by set_ itself (slices of a mapping cannot be
+        # resized, so an overrun raises instead of allocating). Empty segments have a
+        # resizable storage, hence their explicit numel check.
+        if off < 0 or snb < 0 or off + snb > seg_nbytes or off % dt.itemsize \
+                or (seg_nbytes == 0 and all(e.shape)):
+            raise _bad_entry(i, e, seg_nbytes, dt.itemsize)
+        key = (off, snb)
         st = storages.get(key)
         if st is None:
-            st = storages[key] = base[e.offset:e.offset + e.storage_nbytes]
-        t = empty(0, dtype=dt, device=base.device).set_(st, e.storage_offset, e.shape, e.stride)
+            st = storages[key] = base[off:off + snb]
+        try:
+            t = templates[dt].new_empty(0).set_(st, e.storage_offset, e.shape, e.stride)
+        except (RuntimeError, TypeError, ValueError):
+            raise _bad_entry(i, e, seg_nbytes, dt.itemsize) from None
         if e.parameter:
             t = param(t, requires_grad=e.requires_grad)
         elif e.requires_grad:
