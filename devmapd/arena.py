@@ -472,8 +472,24 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]  # every slot is filled: each entry names a segment
 
 
-def build(manifest: Manifest, fds: Sequence[int | None]) -> Any:
-    """Attach and rebuild the checkpoint object (what torch.load would return)."""
+def build(manifest: Manifest, fds: Sequence[int | None], map_location: Any = None) -> Any:
+    """Attach and rebuild the checkpoint object (what torch.load would return).
+
+    ``map_location`` (any of torch's four forms, see mapping.py) moves a tensor only when it
+    names a device other than the one its segment sits on.
+    """
     tensors = attach(manifest, fds)
+    if map_location is not None:
+        from . import mapping
+        tensors = mapping.apply_tensors(
+            tensors, [e.saved_location for e in manifest.tensors], map_location,
+            current_devices=[_segment_device(manifest.segments[e.segment], t)
+                             for e, t in zip(manifest.tensors, tensors)])
     with _gc_paused():
         return tree.decode(manifest.tree, tensors)
+
+
+def _segment_device(seg: SegmentInfo, t: torch.Tensor) -> str:
+    # A cuda-ipc segment's tensors really sit on the importing process's local index, which
+    # may differ from the daemon's label; a memfd's label may name a simulated GPU.
+    return str(t.device) if seg.kind == "cuda-ipc" else seg.device
