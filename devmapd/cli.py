@@ -1,0 +1,249 @@
+"""The ``devmapd`` command. The only place exceptions become exit codes.
+
+Exit codes (documented in the README):
+  0  success
+  1  error (the daemon failed, an action was refused for another reason)
+  2  usage error (bad arguments, bad config)
+  3  the daemon is unreachable
+  4  no such model
+  5  permission denied
+  6  the checkpoint cannot be served (``inspect``: it has a diagnosis)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_UNSERVABLE = range(7)
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help="daemon socket (default: $DEVMAPD_SOCKET, else the configured default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devmapd", description="Preloaded PyTorch checkpoints, shared zero-copy.")
+    parser.add_argument("--version", action="version", version=f"devmapd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.add_argument("--config", help="config file (default /etc/devmapd/devmapd.toml if present)")
+    p.add_argument("--model-dir", help="directory of checkpoints to serve")
+    p.add_argument("--socket", help="socket path to listen on")
+    p.add_argument("--simulate", metavar="FILE", help="simulated GPUs from a JSON file (see README)")
+    p.add_argument("--state-dir", help="where pins and remaps are kept")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    p = sub.add_parser("status", help="devices and models")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable (contract in the README)")
+
+    for name, helptext, has_device in (
+        ("remap", "move a model to a device (or 'auto')", True),
+        ("pin", "place a model on a device and never demote it", True),
+        ("unpin", "let the planner and pressure move a model again", False),
+        ("evict", "drop a model from memory (stays registered)", False),
+        ("reload", "re-read a model from its file", False),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("name", help="model name (see `devmapd status`)")
+        if has_device:
+            p.add_argument("device", help="cuda:N, cpu" + (" or auto" if name == "remap" else ""))
+        _socket_arg(p)
+
+    p = sub.add_parser("inspect", help="what a checkpoint file or directory holds, without reading tensor data")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("fetch", help="fetch a model from the daemon and report how long it took")
+    p.add_argument("name")
+    _socket_arg(p)
+
+    p = sub.add_parser("tui", help="the dashboard")
+    _socket_arg(p)
+
+    p = sub.add_parser("demo", help="sample checkpoints + simulated GPUs + the dashboard")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("install-service", help="install the systemd service (see README, Operations)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import config as configmod
+    from .daemon import serve
+
+    cfg = configmod.load(args.config)
+
+    def overrides(c: configmod.Config) -> configmod.Config:
+        changes: dict[str, Any] = {}
+        if args.model_dir:
+            changes["model_dir"] = args.model_dir
+        if args.state_dir:
+            changes["state_dir"] = args.state_dir
+        if args.log_level:
+            changes["log_level"] = args.log_level
+        if args.socket:
+            changes["server"] = dataclasses.replace(c.server, socket=args.socket)
+        if args.simulate:
+            changes["devices"] = dataclasses.replace(c.devices, simulate=os.path.abspath(args.simulate),
+                                                     backend="simulated")
+        return c.replace(**changes)
+
+    effective = overrides(cfg)
+    _configure_logging(effective.log_level)
+    return serve(cfg, config_path=args.config, overrides=overrides)
+
+
+def _configure_logging(level: str) -> None:
+    try:
+        from .systemd import configure_logging, running_under_systemd
+
+        configure_logging(level, running_under_systemd())
+    except ImportError:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _client(args: argparse.Namespace):
+    from .client import Client
+
+    return Client(args.socket)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .textfmt import status_text
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        json.dump({"devices": status["devices"], "models": status["models"], "daemon": status.get("daemon")},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(status_text(status))
+    return EXIT_OK
+
+
+def _action(op: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        with _client(args) as client:
+            method = getattr(client, op)
+            result = method(args.name, args.device) if hasattr(args, "device") else method(args.name)
+        target = f" -> {result.get('device')}" if isinstance(result, dict) and result.get("device") else ""
+        state = result.get("state") if isinstance(result, dict) else None
+        print(f"{op} {args.name}{target}: ok" + (f" (state: {state})" if state else ""))
+        return EXIT_OK
+
+    return run
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import checkpoint
+
+    insp = checkpoint.inspect(args.path)
+    if args.json:
+        json.dump(insp.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(checkpoint.summary(insp))
+    return EXIT_UNSERVABLE if insp.diagnosis is not None else EXIT_OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import torch
+
+    from .textfmt import human_bytes
+
+    started = time.perf_counter()
+    with _client(args) as client:
+        obj = client.fetch(args.name)
+        elapsed = time.perf_counter() - started
+        tensors = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, torch.Tensor):
+                tensors.append(node)
+            elif isinstance(node, dict):
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, (list, tuple, set)):
+                for v in node:
+                    walk(v)
+
+        walk(obj)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        devices = sorted({str(t.device) for t in tensors})
+        print(f"{args.name}: {len(tensors)} tensors, {human_bytes(nbytes)} on {', '.join(devices) or '-'}, "
+              f"fetched in {elapsed * 1000:.2f} ms")
+    return EXIT_OK
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from devmapd_tui import run
+
+    return run(args.socket)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.rest)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from .install import main as install_main
+
+    return install_main(args.rest)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve, "status": cmd_status, "inspect": cmd_inspect, "fetch": cmd_fetch,
+    "tui": cmd_tui, "demo": cmd_demo, "install-service": cmd_install_service,
+    **{op: _action(op) for op in ("remap", "pin", "unpin", "evict", "reload")},
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        from .client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
+    except ImportError:  # pragma: no cover - the client is part of the package
+        DaemonUnavailable = ModelNotFound = PermissionDenied = DevmapdError = ()  # type: ignore[assignment]
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"devmapd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonUnavailable as exc:
+        print(f"devmapd: daemon unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ModelNotFound as exc:
+        print(f"devmapd: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except PermissionDenied as exc:
+        print(f"devmapd: permission denied: {exc}", file=sys.stderr)
+        return EXIT_DENIED
+    except DevmapdError as exc:
+        print(f"devmapd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `devmapd status | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

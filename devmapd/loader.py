@@ -1,0 +1,127 @@
+"""Turn a placement decision into a served version of a model.
+
+One call does the whole pipeline for one model version, off the event loop:
+read the checkpoint ONCE into sealed memfd segments (one per device id the
+placement names), then, for segments placed on a real CUDA device, upload
+them into one GPU buffer each and export a CUDA IPC handle. The result is a
+:class:`ServedVersion`: the manifest clients receive, the fds that travel
+with it, and the bytes it occupies per device.
+
+Simulated GPUs (DESIGN.md) keep their "GPU" segments as memfds in host memory:
+the placement label says ``cuda:N`` and status marks the device simulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import checkpoint
+from .arena import Manifest, SealedSegment
+
+log = logging.getLogger("devmapd.loader")
+
+
+@dataclass
+class ServedVersion:
+    """One immutable version of a model, as clients receive it."""
+
+    generation: int
+    manifest: Manifest
+    segments: list[SealedSegment | None]  # memfd per segment; None once moved to a real GPU
+    gpu_segments: dict[int, Any] = field(default_factory=dict)  # segment index -> cuda_share.GpuSegment
+    placement: dict[str, int] = field(default_factory=dict)
+    fingerprint: tuple | None = None
+    load_time_s: float = 0.0
+    inspection: Any = None
+
+    @property
+    def fds(self) -> list[int | None]:
+        return [seg.fd if seg is not None else None for seg in self.segments]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.placement.values())
+
+    def close(self) -> None:
+        """Drop the daemon's references.
+
+        Safe while clients still use the version: a client holds its own dup of
+        each memfd (SCM_RIGHTS) and its own mapping, so the kernel frees the pages
+        only when the last one lets go; a CUDA block exported over IPC stays alive
+        in torch's IPC limbo until every importer has released it.
+        """
+        for seg in self.segments:
+            if seg is not None:
+                seg.close()
+        self.segments = [None] * len(self.segments)
+        for gpu in self.gpu_segments.values():
+            gpu.release()
+        self.gpu_segments.clear()
+
+
+def _placement_of(manifest: Manifest) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for seg in manifest.segments:
+        out[seg.device] = out.get(seg.device, 0) + seg.nbytes
+    return out
+
+
+def load_version(
+    source: Any,
+    generation: int,
+    options: checkpoint.ReadOptions,
+    *,
+    device_of: Callable[[str], str] | None,
+    cuda_index_of: Callable[[str], int | None],
+    keep_host_copy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ServedVersion:
+    """Read ``source`` into a new :class:`ServedVersion` (blocking; run in a worker thread).
+
+    ``cuda_index_of(device_id)`` returns the local torch CUDA index of a REAL GPU
+    device id, or None for cpu and simulated devices (which stay memfds).
+    Raises :class:`checkpoint.CheckpointError` with a diagnosis on failure.
+    """
+    started = time.perf_counter()
+    loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
+    segments: list[SealedSegment | None] = list(loaded.segments)
+    infos = list(loaded.manifest.segments)
+    gpu_segments: dict[int, Any] = {}
+    try:
+        for i, info in enumerate(infos):
+            index = cuda_index_of(info.device)
+            if index is None:
+                continue
+            from . import cuda_share  # imported only when a real GPU is in play
+
+            sealed = segments[i]
+            assert sealed is not None
+            gpu = cuda_share.GpuSegment.upload(sealed, index)
+            gpu_segments[i] = gpu
+            infos[i] = dataclasses.replace(info, kind="cuda-ipc", ipc=gpu.export(),
+                                           device_uuid=gpu.export().get("device_uuid"))
+            if not keep_host_copy:
+                sealed.close()
+                segments[i] = None
+    except BaseException:
+        for gpu in gpu_segments.values():
+            gpu.release()
+        for seg in segments:
+            if seg is not None:
+                seg.close()
+        raise
+    manifest = dataclasses.replace(loaded.manifest, segments=tuple(infos))
+    return ServedVersion(
+        generation=generation,
+        manifest=manifest,
+        segments=segments,
+        gpu_segments=gpu_segments,
+        placement=_placement_of(manifest),
+        fingerprint=loaded.fingerprint,
+        load_time_s=time.perf_counter() - started,
+        inspection=loaded.inspection,
+    )
