@@ -1,2 +1,34 @@
-"""devmapd: preloaded PyTorch checkpoints, shared zero-copy over a Unix socket."""
+"""devmapd: preloaded PyTorch checkpoints, shared zero-copy over a Unix socket.
+
+``devmapd.load(name, map_location=None, *, socket=None, fallback=False, path=None)`` replaces
+``torch.load(path, map_location=..., weights_only=True)``; ``devmapd.Client`` talks to the daemon
+(status, events, operator actions). Both are imported lazily: ``import devmapd`` stays cheap (no
+torch), which the CLI relies on.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_CLIENT_NAMES = ("load", "release", "Client", "DevmapdError", "DaemonUnavailable",
+                 "ModelNotFound", "PermissionDenied", "ModelUnavailable", "default_socket")
+
+__all__ = ["__version__", *_CLIENT_NAMES]
+
+if TYPE_CHECKING:
+    from devmapd.client import (Client, DaemonUnavailable, DevmapdError, ModelNotFound,
+                                ModelUnavailable, PermissionDenied, default_socket, load, release)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from devmapd import client
+        value = getattr(client, name)
+        globals()[name] = value   # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'devmapd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CLIENT_NAMES))

@@ -1,0 +1,423 @@
+"""The devmapd client library: ``devmapd.load`` and ``devmapd.Client``.
+
+Blocking sockets only (no asyncio in user processes). A fetch reply carries the model's manifest
+and its sealed memfds (SCM_RIGHTS); ``arena.build`` maps them copy-on-write and rebuilds the
+checkpoint object in place, applying ``map_location`` only where it asks for another device.
+
+``devmapd.load`` keeps ONE persistent connection per socket path for the whole process
+(opened lazily, shared by threads, re-opened after a fork or a daemon restart): the daemon counts
+that connection as a client holding each model it fetched until the process exits or calls
+``release``. torch is imported only when tensors are built.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket as _socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from devmapd import protocol as P
+
+__all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
+           "ModelUnavailable", "Client", "load", "release", "default_socket"]
+
+SYSTEM_SOCKET = "/run/devmapd/devmapd.sock"
+# A fetch may wait for a model that is still loading; the daemon gives up after its own
+# request timeout (120 s by default), so wait a little longer than that before calling it dead.
+LOAD_TIMEOUT_S = 130.0
+
+
+class DevmapdError(Exception):
+    """Any failure talking to devmapd. ``code`` is the daemon's error code (or a client-side one)."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class DaemonUnavailable(DevmapdError):
+    """No daemon answers on the socket (not running, restarting, wrong path, or it hung)."""
+    code = "unreachable"
+
+
+class ModelNotFound(DevmapdError):
+    """The daemon does not know that model name."""
+    code = P.NOT_FOUND
+
+
+class PermissionDenied(DevmapdError):
+    """The socket file or the daemon's access policy refuses this user."""
+    code = P.FORBIDDEN
+
+
+class ModelUnavailable(DevmapdError):
+    """The daemon knows the model but cannot serve it now (failed to load, timed out...)."""
+    code = P.UNAVAILABLE
+
+
+_BY_CODE: dict[str, type[DevmapdError]] = {
+    P.NOT_FOUND: ModelNotFound, P.FORBIDDEN: PermissionDenied, P.UNAVAILABLE: ModelUnavailable,
+}
+
+
+def _error(err: Any) -> DevmapdError:
+    if not isinstance(err, dict):
+        return DevmapdError(f"the daemon sent a malformed error: {err!r}", "bad_reply")
+    code = str(err.get("code", "internal"))
+    return _BY_CODE.get(code, DevmapdError)(str(err.get("message", code)), code)
+
+
+def default_socket(explicit: str | None = None) -> str:
+    """The socket path a client uses, first match wins:
+
+    1. ``explicit`` (a ``socket=`` argument or ``--socket``);
+    2. ``$DEVMAPD_SOCKET``;
+    3. for root: ``/run/devmapd/devmapd.sock`` (the system service);
+    4. otherwise ``$XDG_RUNTIME_DIR/devmapd.sock`` when ``$XDG_RUNTIME_DIR`` is set, else
+       ``/tmp/devmapd-<uid>/devmapd.sock`` (a per-user daemon). A non-root user of the system
+       service sets ``DEVMAPD_SOCKET=/run/devmapd/devmapd.sock`` (or the config's
+       ``server.socket``).
+    """
+    if explicit:
+        return os.fspath(explicit)
+    env = os.environ.get("DEVMAPD_SOCKET")
+    if env:
+        return env
+    uid = os.geteuid()
+    if uid == 0:
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "devmapd.sock")
+    return f"/tmp/devmapd-{uid}/devmapd.sock"
+
+
+def _connect(path: str, timeout: float) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        return sock
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, FileNotFoundError):
+            raise DaemonUnavailable(f"devmapd is not running: no socket at {path} (start it with "
+                                    "`devmapd serve`, or point --socket / $DEVMAPD_SOCKET at the "
+                                    "right path)") from None
+        if isinstance(e, ConnectionRefusedError):
+            raise DaemonUnavailable(f"nothing is listening on {path}: the daemon is down or "
+                                    "restarting (start it with `devmapd serve`)") from None
+        if isinstance(e, PermissionError):
+            raise PermissionDenied(f"no permission to connect to {path} as uid {os.geteuid()}: "
+                                   "ask an admin to add you to the socket's group "
+                                   "(config server.socket_group)") from None
+        if isinstance(e, TimeoutError):
+            raise DaemonUnavailable(f"devmapd at {path} did not accept a connection within "
+                                    f"{timeout:g}s; it may be overloaded or hung") from None
+        if isinstance(e, OSError):
+            raise DaemonUnavailable(f"cannot connect to devmapd at {path}: "
+                                    f"{e.strerror or e}") from None
+        raise
+
+
+class Client:
+    """A connection to devmapd (opened lazily; thread-safe: one request at a time).
+
+    Closing the client (or its process exiting) releases every model it fetched.
+    """
+
+    def __init__(self, socket: str | None = None, *, timeout: float = 30.0):
+        self.socket_path = default_socket(socket)
+        self.timeout = timeout
+        self._sock: _socket.socket | None = None
+        self._pid = 0
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._event_socks: set[_socket.socket] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.socket_path!r}, connected={self._sock is not None})"
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _after_fork(self) -> None:
+        # The child inherited the parent's connection: two processes on one stream would
+        # interleave frames. Closing the child's copy leaves the parent's connection intact.
+        self._lock = threading.RLock()
+        self._drop()
+        for s in list(self._event_socks):
+            s.close()
+        self._event_socks.clear()
+
+    def _call(self, op: str, args: dict | None = None, *, max_fds: int = 0,
+              timeout: float | None = None) -> tuple[Any, list[int]]:
+        """Send one request and return (result, fds). Retries once on a fresh connection when
+        a reused one turns out to be dead (daemon restarted, idle connection closed)."""
+        with self._lock:
+            if self._closed:
+                raise DevmapdError("this Client is closed", "closed")
+            if self._sock is not None and self._pid != os.getpid():
+                self._after_fork()
+            for attempt in (0, 1):
+                reused = self._sock is not None
+                if self._sock is None:
+                    self._sock = _connect(self.socket_path, self.timeout)
+                    self._pid = os.getpid()
+                sock = self._sock
+                sock.settimeout(timeout or self.timeout)
+                rid = next(self._ids)
+                try:
+                    P.send_frame(sock, P.request(rid, op, args))
+                    while True:
+                        msg, fds = P.recv_frame(sock, max_fds=max_fds)
+                        if msg.get("id") == rid and "event" not in msg:
+                            break
+                        P.close_fds(fds)
+                        if msg.get("id") is None and msg.get("ok") is False:
+                            # The daemon is hanging up on us and says why.
+                            self._drop()
+                            raise _error(msg.get("error"))
+                except (ConnectionResetError, BrokenPipeError) as e:
+                    self._drop()
+                    if reused and attempt == 0:
+                        continue
+                    raise DaemonUnavailable(f"devmapd at {self.socket_path} closed the connection "
+                                            f"during {op} ({e}); is it restarting?") from None
+                except TimeoutError:
+                    self._drop()
+                    raise DaemonUnavailable(f"devmapd at {self.socket_path} did not answer {op} "
+                                            f"within {timeout or self.timeout:g}s") from None
+                except P.ProtocolError as e:
+                    self._drop()
+                    raise DevmapdError(f"bad reply from devmapd to {op}: {e}", "bad_reply") from None
+                except OSError as e:
+                    self._drop()
+                    raise DaemonUnavailable(f"lost devmapd at {self.socket_path} during {op}: "
+                                            f"{e.strerror or e}") from None
+                if msg.get("ok") is True:
+                    return msg.get("result"), fds
+                P.close_fds(fds)
+                raise _error(msg.get("error"))
+            raise AssertionError("unreachable")
+
+    def _request(self, op: str, args: dict | None = None) -> Any:
+        return self._call(op, args)[0]
+
+    # ------------------------------------------------------------------ public API
+
+    def hello(self) -> dict:
+        return self._request("hello", {"protocol": P.PROTOCOL_VERSION})
+
+    def status(self) -> dict:
+        return self._request("status")
+
+    def model(self, name: str) -> dict:
+        return self._request("model", {"name": name})
+
+    def fetch(self, name: str, map_location: Any = None) -> Any:
+        """What ``torch.load`` would return for model ``name``, its tensors mapped zero-copy."""
+        result, fds = self._call("fetch", {"name": name}, max_fds=P.MAX_FDS_PER_FRAME,
+                                 timeout=max(self.timeout, LOAD_TIMEOUT_S))
+        try:
+            return self._build(name, result, fds, map_location)
+        except BaseException:
+            # Nothing of it is in use: give the lease back now rather than at disconnect.
+            if isinstance(result, dict) and "lease" in result:
+                try:
+                    self._call("release", {"lease": result["lease"]})
+                except DevmapdError:
+                    pass
+            raise
+        finally:
+            P.close_fds(fds)   # the mappings made by arena.build stay valid without the fds
+
+    @staticmethod
+    def _build(name: str, result: Any, fds: list[int], map_location: Any) -> Any:
+        from devmapd import arena   # torch: only now
+        try:
+            manifest = arena.Manifest.from_json(result["manifest"])
+        except (TypeError, KeyError) as e:
+            raise DevmapdError(f"the fetch reply for {name} has no manifest ({e})", "bad_reply") from None
+        except arena.ArenaError as e:
+            raise DevmapdError(f"cannot read the manifest of {name}: {e}", "bad_reply") from None
+        kinds = [s.kind for s in manifest.segments]
+        expected = kinds.count("memfd")
+        if len(fds) != expected:
+            raise DevmapdError(f"the daemon sent {len(fds)} file descriptors for {name}, whose "
+                               f"manifest has {expected} memfd segments; refusing the reply",
+                               "bad_reply")
+        it = iter(fds)
+        per_segment = [next(it) if k == "memfd" else None for k in kinds]
+        try:
+            return arena.build(manifest, per_segment, map_location)
+        except arena.ArenaError as e:
+            raise DevmapdError(f"cannot map {name}: {e}", "bad_reply") from None
+
+    def release(self, name: str) -> None:
+        """Tell the daemon this process no longer holds ``name`` (every fetch of it)."""
+        with self._lock:
+            if self._sock is None or self._pid != os.getpid():
+                return   # no connection: nothing is held through it
+            self._call("release", {"name": name})
+
+    def remap(self, name: str, device: str) -> dict:
+        return self._request("remap", {"name": name, "device": device})
+
+    def pin(self, name: str, device: str) -> dict:
+        return self._request("pin", {"name": name, "device": device})
+
+    def unpin(self, name: str) -> dict:
+        return self._request("unpin", {"name": name})
+
+    def evict(self, name: str) -> dict:
+        return self._request("evict", {"name": name})
+
+    def reload(self, name: str) -> dict:
+        return self._request("reload", {"name": name})
+
+    def events(self, *, reconnect: bool = True) -> Iterator[dict]:
+        """Iterate over the daemon's events (on a connection of their own).
+
+        When the connection drops, yields ``{"type": "connection", "state": "lost", ...}``, then
+        (with ``reconnect``) retries with exponential backoff (0.1 s .. 5 s) and yields
+        ``{"type": "connection", "state": "restored", ...}`` once subscribed again. Without
+        ``reconnect`` the iterator ends after the "lost" marker. A refusal (permission denied)
+        is raised, not retried. ``close()`` from another thread ends the iteration.
+        """
+        backoff = 0.1
+        lost = False
+        first = True
+        while not self._closed:
+            sock: _socket.socket | None = None
+            try:
+                sock = _connect(self.socket_path, self.timeout)
+                self._event_socks.add(sock)
+                P.send_frame(sock, P.request(1, "subscribe"))
+                reply, fds = P.recv_frame(sock, max_fds=0)
+                if reply.get("ok") is not True:
+                    raise _error(reply.get("error"))
+                sock.settimeout(None)   # events may be hours apart; EOF tells us the daemon went
+                if lost:
+                    lost = False
+                    yield _conn_event("restored", f"reconnected to devmapd at {self.socket_path}")
+                backoff = 0.1
+                first = False
+                while True:
+                    msg, fds = P.recv_frame(sock, max_fds=0)
+                    if "event" in msg:
+                        yield msg["event"]
+                    elif msg.get("ok") is False:
+                        raise ConnectionResetError(_error(msg.get("error")).args[0])
+            except (PermissionDenied, ModelNotFound):
+                raise
+            except (DaemonUnavailable, OSError, P.ProtocolError, DevmapdError) as e:
+                if self._closed:
+                    return
+                if first and not reconnect:
+                    raise e if isinstance(e, DevmapdError) else DaemonUnavailable(str(e)) from None
+                first = False
+                if not lost:
+                    lost = True
+                    yield _conn_event("lost", f"lost the connection to devmapd at "
+                                              f"{self.socket_path}: {e}"
+                                      + ("; reconnecting" if reconnect else ""))
+                if not reconnect:
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if sock is not None:
+                    self._event_socks.discard(sock)
+                    sock.close()
+
+    def close(self) -> None:
+        """Close the connection (the daemon releases everything fetched through it)."""
+        self._closed = True
+        for s in list(self._event_socks):
+            try:
+                s.shutdown(_socket.SHUT_RDWR)   # wakes a thread blocked in events()
+            except OSError:
+                pass
+        with self._lock:
+            self._drop()
+
+
+def _conn_event(state: str, message: str) -> dict:
+    return {"type": "connection", "state": state, "ts": time.time(), "message": message}
+
+
+# ---------------------------------------------------------------------------- devmapd.load
+
+_shared: dict[str, Client] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_client(socket: str | None) -> Client:
+    path = default_socket(socket)
+    with _shared_lock:
+        c = _shared.get(path)
+        if c is None:
+            c = _shared[path] = Client(path, timeout=LOAD_TIMEOUT_S)
+        return c
+
+
+def _reset_after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for c in _shared.values():
+        c._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def load(name: str, map_location: Any = None, *, socket: str | None = None,
+         fallback: bool = False, path: str | os.PathLike | None = None) -> Any:
+    """What ``torch.load(<the file of name>, map_location=..., weights_only=True)`` returns,
+    served zero-copy by the devmapd daemon (after its normalisation, e.g. ``module.`` stripped).
+
+    ``map_location`` takes torch's four forms; tensors move only when it names a device other
+    than the one they sit on. Raises DaemonUnavailable / ModelNotFound / PermissionDenied /
+    ModelUnavailable (all DevmapdError). With ``fallback=True`` and ``path``, any of those makes
+    it warn and load ``path`` locally with ``torch.load(weights_only=True)`` instead.
+    """
+    if fallback and path is None:
+        raise ValueError("devmapd.load(fallback=True) needs path=<the checkpoint file> to fall back to")
+    try:
+        return _shared_client(socket).fetch(name, map_location)
+    except DevmapdError as e:
+        if not fallback:
+            raise
+        warnings.warn(f"devmapd.load({name!r}): {e}; loading {os.fspath(path)} locally with "
+                      "torch.load instead (no sharing, no normalisation)", RuntimeWarning,
+                      stacklevel=2)
+    import torch
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def release(name: str, *, socket: str | None = None) -> None:
+    """Tell the daemon this process no longer uses ``name`` (fetched with ``devmapd.load``)."""
+    path = default_socket(socket)
+    with _shared_lock:
+        c = _shared.get(path)
+    if c is not None:
+        c.release(name)
