@@ -1,0 +1,522 @@
+"""The checkpoint engine's public face: inspect a checkpoint without its data, read it once into an arena.
+
+``inspect(path)`` reports what a file or Hugging Face directory holds (format, tensors, bytes per
+dtype and per saved location, prefixes, containers, module groups) from headers and pickles only,
+and never raises for a bad file: the Inspection carries a Diagnosis instead.
+
+``read(source)`` opens each file ONCE (O_NOFOLLOW), parses its structure into meta tensors with
+torch's weights-only unpickler, checks sizes against the caps and free memory BEFORE allocating,
+then copies every storage straight from the file into a sealed memfd arena (sendfile, no Python
+copy; casting is the only slow path). Each file is fstat'ed before and after: a file changed
+underneath is a ``changed_during_read`` error, never a mixed model.
+
+Failure vocabulary: ``Diagnosis`` / ``CheckpointError`` (see diagnose.py).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import diagnose, normalize
+from .diagnose import CheckpointError, Diagnosis, diagnose_exception
+from .formats import hfdir, legacy, safetensors as st_format, torchzip
+from .formats.common import OpenedFile, Parsed, StorageRec, element_size, open_file
+from .formats.detect import HEAD_BYTES, detect
+
+__all__ = ["Diagnosis", "CheckpointError", "Inspection", "ReadOptions", "LoadedModel", "inspect",
+           "read", "summary", "diagnose_exception", "FORMATS"]
+
+FORMATS = ("torch-zip", "torch-legacy", "safetensors", "hf-dir", "torchscript", "unknown")
+_CAST_CHUNK = 32 << 20   # bytes read per step on the (slow) casting path
+
+
+# ----------------------------------------------------------------------------- public records
+
+@dataclass(frozen=True)
+class Inspection:
+    path: str
+    format: str                      # one of FORMATS
+    tensors: int
+    bytes: int                       # sum of storage bytes (shared storages counted once)
+    dtypes: dict[str, int]           # dtype -> bytes
+    locations: dict[str, int]        # saved location tag ("cpu", "cuda:3") -> bytes
+    prefixes: tuple[str, ...]        # ("module.",) / ("_orig_mod.",) found on state-dict keys
+    containers: tuple[str, ...]      # key paths of the dicts holding tensors ("" is the top)
+    groups: tuple[tuple[str, int], ...]   # module groups in file order -> bytes
+    largest_tensor: int              # bytes of the largest storage (the unit that cannot be split)
+    files: tuple[str, ...]
+    diagnosis: Diagnosis | None
+
+    @property
+    def ok(self) -> bool:
+        return self.diagnosis is None
+
+    def to_json(self) -> dict:
+        """The keys of ``devmapd inspect --json``."""
+        return {
+            "path": self.path, "format": self.format, "tensors": self.tensors, "bytes": self.bytes,
+            "dtypes": dict(self.dtypes), "locations": dict(self.locations),
+            "prefixes": list(self.prefixes), "containers": list(self.containers),
+            "groups": [[g, b] for g, b in self.groups], "largest_tensor": self.largest_tensor,
+            "files": list(self.files),
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_json(),
+        }
+
+    @classmethod
+    def failed(cls, path: str, fmt: str, diagnosis: Diagnosis, files: tuple[str, ...] = ()) -> "Inspection":
+        return cls(path=path, format=fmt, tensors=0, bytes=0, dtypes={}, locations={}, prefixes=(),
+                   containers=(), groups=(), largest_tensor=0, files=files or (path,), diagnosis=diagnosis)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    strip_prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
+    cpu_upcast_half: bool = False     # fp16/bf16 -> fp32 for tensors placed on cpu
+    gpu_dtype: str | None = None      # "float16"/"bfloat16": cast floating tensors placed on a GPU
+    allowed_globals: tuple[str, ...] = ()   # "module.Qualname" strings added to weights_only
+    max_header_bytes: int = 100 << 20
+    max_tensors: int = 1_000_000
+    memory_limit: int | None = None   # refuse (out_of_memory) before allocating more than this
+    threads: int = 4                  # parallel shard reads
+
+
+@dataclass
+class LoadedModel:
+    manifest: Any                     # arena.Manifest
+    segments: list                    # arena.SealedSegment, same order as manifest.segments
+    inspection: Inspection
+    load_time_s: float
+    fingerprint: tuple                # ((path, size, mtime_ns, ino), ...) of the files as read
+
+    def close(self) -> None:
+        for s in self.segments:
+            s.close()
+
+
+# ----------------------------------------------------------------------------- parsing
+
+class _Guess:
+    """The format we believe we are looking at, kept for the Inspection when parsing fails."""
+    format = "unknown"
+
+
+def _source_path(source: Any) -> str:
+    p = getattr(source, "path", source)   # names.ModelSource or a path
+    return os.fspath(p)
+
+
+def _parse_file(f: OpenedFile, opts: ReadOptions, locate: bool, guess: _Guess) -> Parsed:
+    head = f.pread(HEAD_BYTES, 0)
+    kind, what = detect(head, f.size)
+    caps = dict(max_header_bytes=opts.max_header_bytes, max_tensors=opts.max_tensors, locate=locate)
+    if kind == "empty":
+        raise diagnose.empty(f.path)
+    if kind == "zip":
+        guess.format = "torch-zip"
+        try:
+            return torchzip.parse(f, **caps)
+        except CheckpointError as e:
+            if e.diagnosis.code == "unsupported_format" and "TorchScript" in e.diagnosis.message:
+                guess.format = "torchscript"
+            raise
+    if kind == "torch-legacy":
+        guess.format = "torch-legacy"
+        return legacy.parse(f, **caps)
+    if kind == "safetensors":
+        guess.format = "safetensors"
+        return st_format.parse(f, **caps)
+    if kind in ("tar", "foreign"):
+        raise diagnose.unsupported(f.path, what or "an unknown format",
+                                   "convert it to a torch.save or safetensors checkpoint")
+    if kind == "pickle":
+        raise diagnose.not_a_checkpoint(f.path, what)
+    raise diagnose.not_a_checkpoint(f.path)
+
+
+def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
+                    opened: list[OpenedFile]) -> Parsed:
+    """Open every weight file of ``path`` (file or HF directory) once and parse it. Fills ``opened``."""
+    real = os.path.realpath(path)   # resolve links once; the open itself then refuses to follow any
+    if os.path.isdir(real):
+        guess.format = "hf-dir"
+        names = hfdir.weight_files(real, opts.max_header_bytes)
+        for name in names:
+            opened.append(open_file(os.path.realpath(name)))
+
+        def one(i: int) -> Parsed:
+            return _parse_file(opened[i], opts, locate, _Guess())
+
+        if len(opened) > 1 and opts.threads > 1:
+            with ThreadPoolExecutor(min(opts.threads, len(opened)), thread_name_prefix="devmapd-shard") as ex:
+                parts = list(ex.map(one, range(len(opened))))
+        else:
+            parts = [one(i) for i in range(len(opened))]
+        return _merge_shards(path, parts, opened)
+    opened.append(open_file(real))
+    return _parse_file(opened[0], opts, locate, guess)
+
+
+def _merge_shards(path: str, parts: list[Parsed], opened: list[OpenedFile]) -> Parsed:
+    merged: dict[str, Any] = {}
+    recs: list[StorageRec] = []
+    for i, part in enumerate(parts):
+        if not isinstance(part.obj, dict):
+            raise diagnose.corrupt(opened[i].path, "a shard that is not a flat state dict")
+        for k, v in part.obj.items():
+            if k in merged:
+                raise diagnose.corrupt(path, f"tensor {k!r} appears in two shards")
+            merged[k] = v
+        for rec in part.storages:
+            rec.file = i
+            recs.append(rec)
+    return Parsed("hf-dir", merged, recs, list(opened))
+
+
+# ----------------------------------------------------------------------------- inspection
+
+@dataclass
+class _Storage:
+    rec: StorageRec
+    first: normalize.TensorRef          # first tensor (file order) using this storage
+    tensors: list[int] = field(default_factory=list)   # indices into walked.tensors
+
+
+def _check_tensor(path: str, ref: normalize.TensorRef, rec: StorageRec) -> None:
+    t = ref.tensor
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is {t.layout} / quantized",
+                                   "convert it to dense tensors before serving it")
+    if any(s < 0 for s in t.stride()) or t.storage_offset() < 0:
+        raise diagnose.corrupt(path, f"tensor {ref.path!r} has a negative stride or offset")
+    if t.numel():
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if (last + 1) * element_size(t.dtype) > rec.nbytes:
+            raise diagnose.corrupt(path, f"tensor {ref.path!r} reaches past the end of its storage")
+
+
+def _storages(path: str, parsed: Parsed, walked: normalize.Walked) -> list[_Storage]:
+    """Link each tensor to its storage record; storages in the order tensors first use them."""
+    index = parsed.storage_index()
+    by_rec: dict[int, _Storage] = {}
+    for ti, ref in enumerate(walked.tensors):
+        if ref.tensor.device.type != "meta":
+            raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is not backed by a saved storage",
+                                       "re-save it with plain tensors (model.state_dict())")
+        si = index.get(ref.tensor.untyped_storage()._cdata)
+        if si is None:
+            raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is not backed by a saved storage",
+                                       "re-save it with plain tensors (model.state_dict())")
+        rec = parsed.storages[si]
+        _check_tensor(path, ref, rec)
+        s = by_rec.get(si)
+        if s is None:
+            s = by_rec[si] = _Storage(rec, ref)
+        s.tensors.append(ti)
+    return list(by_rec.values())
+
+
+def _inspection(path: str, parsed: Parsed, walked: normalize.Walked, storages: list[_Storage]) -> Inspection:
+    dtypes: dict[str, int] = {}
+    locations: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    containers: list[str] = []
+    for ref in walked.tensors:
+        if ref.container not in containers:
+            containers.append(ref.container)
+    total = largest = 0
+    for s in storages:
+        n = s.rec.nbytes
+        total += n
+        largest = max(largest, n)
+        dn = _dtype_name(s.rec.dtype)
+        dtypes[dn] = dtypes.get(dn, 0) + n
+        locations[s.rec.location] = locations.get(s.rec.location, 0) + n
+        g = normalize.group_of(s.first.key)
+        groups[g] = groups.get(g, 0) + n
+    return Inspection(path=path, format=parsed.format, tensors=len(walked.tensors), bytes=total,
+                      dtypes=dtypes, locations=locations, prefixes=tuple(walked.prefixes),
+                      containers=tuple(containers), groups=tuple(groups.items()), largest_tensor=largest,
+                      files=tuple(f.path for f in parsed.files), diagnosis=None)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+@contextmanager
+def _allowed(names: tuple[str, ...]) -> Iterator[None]:
+    """Scope extra weights-only globals (from config only) to one inspect/read call."""
+    if not names:
+        yield
+        return
+    objs = []
+    for name in names:
+        objs.append(_resolve_global(name))
+    with torch.serialization.safe_globals(objs):
+        yield
+
+
+def _resolve_global(name: str) -> Any:
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            break
+    raise CheckpointError(Diagnosis(
+        "unsafe_pickle", f"the allowed global {name!r} from checkpoint.allowed_globals cannot be imported; "
+                         "fix its module.Qualname spelling or install the package that defines it."))
+
+
+def inspect(path: Path | str, *, allowed_globals: tuple[str, ...] = ()) -> Inspection:
+    """What ``path`` (a file or HF directory) holds, without reading tensor data. Never raises."""
+    path = os.fspath(path)
+    guess = _Guess()
+    opened: list[OpenedFile] = []
+    opts = ReadOptions(allowed_globals=tuple(allowed_globals))
+    try:
+        with _allowed(opts.allowed_globals):
+            parsed = _open_and_parse(path, opts, False, guess, opened)
+            walked = normalize.walk(parsed.obj, normalize.DEFAULT_PREFIXES, path_hint=path)
+            storages = _storages(path, parsed, walked)
+            insp = _inspection(path, parsed, walked, storages)
+        return insp
+    except CheckpointError as e:
+        return Inspection.failed(path, guess.format, e.diagnosis, tuple(f.path for f in opened))
+    except Exception as e:   # never raise for a bad file: say what happened instead
+        return Inspection.failed(path, guess.format, diagnose_exception(e, path), tuple(f.path for f in opened))
+    finally:
+        for f in opened:
+            f.close()
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class _Placed:
+    storage: _Storage
+    device: str
+    segment: int
+    out_dtype: torch.dtype
+    out_nbytes: int
+    offset: int = 0
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(path: str, need: int, limit: int | None) -> None:
+    if limit is not None and need > limit:
+        raise diagnose.out_of_memory(path, need, limit, "the configured memory limit")
+    avail = _mem_available()
+    if avail is not None and need > avail:
+        raise diagnose.out_of_memory(path, need, avail, "host memory (MemAvailable)")
+
+
+def _copy_storage(p: _Placed, f: OpenedFile, builder: Any) -> None:
+    rec = p.storage.rec
+    if p.out_dtype == rec.dtype:
+        builder.copy_from_file(p.offset, f.fd, rec.offset, rec.nbytes)   # kernel copy, no Python bytes
+        return
+    # Slow path, only when normalisation casts: read a bounded chunk, convert, write.
+    in_size, out_size = element_size(rec.dtype), element_size(p.out_dtype)
+    step = max(in_size, _CAST_CHUNK // in_size * in_size)
+    done = 0
+    while done < rec.nbytes:
+        n = min(step, rec.nbytes - done)
+        data = os.pread(f.fd, n, rec.offset + done)
+        if len(data) != n:
+            raise diagnose.truncated(f.path, "the file ended while reading a tensor")
+        src = torch.frombuffer(bytearray(data), dtype=rec.dtype)
+        builder.write_at(p.offset + done // in_size * out_size, src.to(p.out_dtype))
+        done += n
+
+
+def read(source: Any, options: ReadOptions = ReadOptions(), *,
+         device_of: Callable[[str], str] | None = None,
+         progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Read a checkpoint once into sealed arena segments. Raises CheckpointError.
+
+    ``device_of(key_path)`` places each tensor (default all "cpu"); tensors sharing a storage go
+    where the first of them goes. ``progress(done_bytes, total_bytes)`` is called after each
+    storage is copied, possibly from a worker thread.
+    """
+    from . import arena, tree   # the arena/tree modules are only needed to read, not to inspect
+
+    t0 = time.monotonic()
+    path = _source_path(source)
+    opened: list[OpenedFile] = []
+    builders: list[Any] = []
+    sealed: list[Any] = []
+    guess = _Guess()
+    try:
+        with _allowed(options.allowed_globals):
+            parsed = _open_and_parse(path, options, True, guess, opened)
+            walked = normalize.walk(parsed.obj, options.strip_prefixes, path_hint=path,
+                                    max_nodes=max(1000, 20 * options.max_tensors))
+            if len(walked.tensors) > options.max_tensors:
+                raise diagnose.too_large(path, f"{len(walked.tensors)} tensors",
+                                         f"{options.max_tensors} (checkpoint.max_tensors)")
+            storages = _storages(path, parsed, walked)
+            inspection = _inspection(path, parsed, walked, storages)
+
+            # Placement and served dtype of every storage, then one layout per device segment.
+            devices: list[str] = []
+            placed: list[_Placed] = []
+            for s in storages:
+                dev = device_of(s.first.path) if device_of else "cpu"
+                if dev not in devices:
+                    devices.append(dev)
+                out = normalize.target_dtype(s.rec.dtype, dev, cpu_upcast_half=options.cpu_upcast_half,
+                                             gpu_dtype=options.gpu_dtype)
+                out_nbytes = s.rec.nbytes // element_size(s.rec.dtype) * element_size(out)
+                placed.append(_Placed(s, dev, devices.index(dev), out, out_nbytes))
+            sizes = []
+            for si in range(len(devices)):
+                mine = [p for p in placed if p.segment == si]
+                offsets, total = arena.layout([p.out_nbytes for p in mine])
+                for p, off in zip(mine, offsets):
+                    p.offset = off
+                sizes.append(total)
+            _check_memory(path, sum(sizes), options.memory_limit)   # before any allocation
+
+            # The structure first: an object the tree codec cannot carry fails before we copy.
+            tensor_idx = {id(ref.tensor): i for i, ref in enumerate(walked.tensors)}
+            encoded = tree.encode(walked.obj, lambda t: tensor_idx[id(t)])
+
+            name = os.path.basename(os.path.normpath(path)) or "model"
+            for si, dev in enumerate(devices):
+                builders.append(arena.ArenaBuilder(f"{name}@{dev}", sizes[si]))
+            _copy_all(parsed, placed, builders, options, progress)
+            for f in parsed.files:
+                if not f.unchanged():
+                    raise diagnose.changed_during_read(f.path)
+            for b in builders:
+                sealed.append(b.seal())
+
+            entries = [None] * len(walked.tensors)
+            for p in placed:
+                rec = p.storage.rec
+                for ti in p.storage.tensors:
+                    t = walked.tensors[ti].tensor
+                    entries[ti] = arena.TensorEntry(
+                        segment=p.segment, offset=p.offset, storage_nbytes=p.out_nbytes,
+                        storage_offset=int(t.storage_offset()), dtype=_dtype_name(p.out_dtype),
+                        shape=tuple(int(x) for x in t.shape), stride=tuple(int(x) for x in t.stride()),
+                        saved_location=rec.location, requires_grad=bool(t.requires_grad),
+                        parameter=isinstance(t, torch.nn.Parameter))
+            manifest = arena.Manifest(
+                tensors=tuple(entries),
+                segments=tuple(arena.SegmentInfo(kind="memfd", device=d, nbytes=sizes[i])
+                               for i, d in enumerate(devices)),
+                tree=encoded)
+            fingerprint = tuple(sorted((f.path, f.before.st_size, f.before.st_mtime_ns, f.before.st_ino)
+                                       for f in parsed.files))
+            return LoadedModel(manifest, sealed, inspection, time.monotonic() - t0, fingerprint)
+    except BaseException as e:
+        for b in builders:
+            b.discard()
+        for s in sealed:
+            s.close()
+        if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+            raise
+        # A failure while copying is most often the file changing under us: say so if it did.
+        for f in opened:
+            if f.fd >= 0 and not f.unchanged():
+                raise diagnose.changed_during_read(f.path, f"{type(e).__name__}: {e}") from None
+        if type(e).__name__ == "TreeError":
+            raise diagnose.unsupported(path, f"a checkpoint holding objects devmapd cannot serve ({e})",
+                                       "re-save only tensors in plain dicts, lists and tuples",
+                                       f"TreeError: {e}") from None
+        raise CheckpointError(diagnose_exception(e, path)) from None
+    finally:
+        for f in opened:
+            f.close()
+
+
+def _copy_all(parsed: Parsed, placed: list[_Placed], builders: list[Any], options: ReadOptions,
+              progress: Callable[[int, int], None] | None) -> None:
+    """Copy every storage, file by file in disk order; files (shards) in parallel threads."""
+    total = sum(p.storage.rec.nbytes for p in placed)
+    done = [0]
+    lock = threading.Lock()
+    per_file: dict[int, list[_Placed]] = {}
+    for p in placed:
+        per_file.setdefault(p.storage.rec.file, []).append(p)
+
+    def copy_file(fi: int) -> None:
+        f = parsed.files[fi]
+        for p in sorted(per_file[fi], key=lambda p: p.storage.rec.offset):
+            _copy_storage(p, f, builders[p.segment])
+            if progress is not None:
+                with lock:
+                    done[0] += p.storage.rec.nbytes
+                    progress(done[0], total)
+
+    keys = sorted(per_file)
+    if len(keys) > 1 and options.threads > 1:
+        with ThreadPoolExecutor(min(options.threads, len(keys)), thread_name_prefix="devmapd-copy") as ex:
+            for fut in [ex.submit(copy_file, k) for k in keys]:
+                fut.result()
+    else:
+        for k in keys:
+            copy_file(k)
+
+
+# ----------------------------------------------------------------------------- summary text
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def summary(insp: Inspection) -> str:
+    """The readable text of ``devmapd inspect``."""
+    lines = [f"{insp.path}: {insp.format}"]
+    if insp.diagnosis is not None:
+        lines.append(f"  problem:   {insp.diagnosis.message}")
+        if insp.diagnosis.detail:
+            lines.append(f"  detail:    {insp.diagnosis.detail}")
+        return "\n".join(lines)
+    lines.append(f"  tensors:   {insp.tensors} ({_human(insp.bytes)}; largest {_human(insp.largest_tensor)})")
+    lines.append("  dtypes:    " + ", ".join(f"{k} {_human(v)}" for k, v in insp.dtypes.items()))
+    lines.append("  saved on:  " + ", ".join(f"{k} {_human(v)}" for k, v in insp.locations.items()))
+    if insp.prefixes:
+        lines.append("  prefixes:  " + ", ".join(insp.prefixes) + " (stripped when served)")
+    if insp.containers and insp.containers != ("",):
+        lines.append("  tensors in: " + ", ".join(c or "<top>" for c in insp.containers))
+    if insp.groups:
+        shown = ", ".join(f"{g} {_human(b)}" for g, b in insp.groups[:8])
+        more = f", ... ({len(insp.groups)} groups)" if len(insp.groups) > 8 else ""
+        lines.append(f"  groups:    {shown}{more}")
+    if len(insp.files) > 1:
+        lines.append(f"  files:     {len(insp.files)} shards")
+    return "\n".join(lines)
