@@ -320,7 +320,7 @@ class MetricsHTTPServer:
     MAX_REQUEST = 8192
     TIMEOUT_S = 5.0
 
-    def __init__(self, render: Callable[[], str], host: str = "127.0.0.1", port: int = 9464) -> None:
+    def __init__(self, render: Callable[[], str], host: str = "127.0.0.1", port: int = 9477) -> None:
         self.address = _loopback(host)
         self.port = port
         self._render = render
