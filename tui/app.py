@@ -1,0 +1,485 @@
+"""DevmapdApp: the dashboard an operator keeps open all day.
+
+Data flow: an EventPump thread connects, posts the full status (Connected), then one message per
+daemon event (DaemonEvent); the app applies each to its DaemonState and redraws only what changed.
+A slow periodic status refresh is a safety net, not the update path. Actions run in thread
+workers through devmapd.client and report results and refusals into the event log.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Footer, Input, Static
+
+from .connection import (
+    ClientFactory, Connected, DaemonEvent, DaemonUnavailable, DevmapdError, EventPump,
+    PermissionDenied, Requests, StatusRefreshed, Unreachable, default_factory, error_text,
+)
+from .dialogs import ConfirmDialog, RemapChoice, RemapDialog
+from .help import HelpScreen
+from .models import SORT_COLUMNS, DaemonState, human_bytes, main_device
+from .widgets import (
+    COLUMNS, DetailPane, DevicePanel, EventLog, HeaderBar, ModelTable, detail_renderable,
+)
+
+ACTIONS_NEEDING_OPERATOR = ("remap", "pin", "evict", "reload")
+
+
+class DemoHooks(Protocol):
+    """What `devmapd demo` hands the app so the `x` key can squeeze a simulated GPU."""
+    pressure: bool
+
+    def set_pressure(self, on: bool) -> str: ...   # returns a sentence for the log
+
+
+def local_time(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def socket_label(socket: str | None) -> str:
+    if socket:
+        return socket
+    try:
+        from devmapd.client import default_socket
+        return default_socket()
+    except Exception:
+        return "default socket"
+
+
+class DevmapdApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "devmapd"
+
+    BINDINGS = [
+        Binding("m", "remap", "Remap"),
+        Binding("p", "pin", "Pin/Unpin"),
+        Binding("e", "evict", "Evict"),
+        Binding("r", "reload", "Reload"),
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "cycle_sort", "Sort"),
+        Binding("x", "pressure", "Pressure"),
+        Binding("ctrl+r", "refresh", "Refresh", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+    ]
+
+    def __init__(self, socket: str | None = None, *, client_factory: ClientFactory | None = None,
+                 clock: Callable[[], float] = time.time, demo: DemoHooks | None = None,
+                 refresh_s: float = 8.0, time_format: Callable[[float], str] = local_time) -> None:
+        super().__init__()
+        self.socket = socket
+        self.factory = client_factory or default_factory(socket)
+        self.clock = clock
+        self.demo = demo
+        self.refresh_s = refresh_s
+        self.time_format = time_format
+        self.state = DaemonState(clock)
+        self.requests = Requests(self.factory)
+        self.pump: EventPump | None = None
+        self.connected = False
+        self.operator = False
+        self.hello: dict[str, Any] = {}
+        self.outage_logged = False
+        self.last_error: str | None = None
+        self._pending: set[str] = set()
+        self._flush_scheduled = False
+        self._details: dict[str, dict[str, Any]] = {}
+        self._detail_for: str | None = None
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(self.state, id="header")
+        yield Static("", id="banner")
+        with Vertical(id="main"):
+            yield DevicePanel(self.state, id="devices")
+            yield Input(placeholder="filter: name, state, dtype or device — Enter keeps it, Esc clears",
+                        id="filter")
+            yield ModelTable(self.state, id="models")
+            with Horizontal(id="bottom"):
+                with VerticalScroll(id="detail-box"):
+                    yield DetailPane(id="detail")
+                yield EventLog(self.time_format, id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        header = self.query_one(HeaderBar)
+        header.socket = socket_label(self.socket)
+        header.update_from()
+        self.query_one("#devices").border_title = "Devices"
+        self.query_one("#detail-box").border_title = "Selected model"
+        self.query_one("#log").border_title = "Decisions & events"
+        self._title_models()
+        self.query_one(DevicePanel).update_from()
+        self._show_detail()
+        self._set_banner(f"connecting to {header.socket} …", "connecting")
+        self.query_one(ModelTable).focus()
+        self.pump = EventPump(self.factory, self.post_message)
+        self.pump.start()
+        self.set_interval(self.refresh_s, self._safety_refresh)
+        self.set_interval(10.0, self._tick)
+
+    def on_unmount(self) -> None:
+        if self.pump is not None:
+            self.pump.stop()
+        self.requests.close()
+
+    # -- connection state ---------------------------------------------------------------------
+
+    def on_connected(self, message: Connected) -> None:
+        self.connected = True
+        self.hello = message.hello or {}
+        self.operator = bool(self.hello.get("operator"))
+        self._set_banner(None)
+        self.query_one("#main").remove_class("stale")
+        changed, removed = self.state.apply_status(message.status)
+        self._redraw_all(changed, removed)
+        header = self.query_one(HeaderBar)
+        header.hello = self.hello
+        header.mode = "operator" if self.operator else "read-only: not an operator"
+        header.update_from()
+        log = self.query_one(EventLog)
+        now = self.clock()
+        version = self.state.daemon.get("version") or self.hello.get("version") or "?"
+        if message.reconnected or self.outage_logged:
+            log.add(now, "info", f"reconnected to devmapd {version}; status refreshed")
+        else:
+            n = len(self.state.models)
+            log.add(now, "info", f"connected to devmapd {version}: {n} model{'s' if n != 1 else ''}, "
+                                 f"{len(self.state.devices)} devices")
+            if not self.operator:
+                log.add(now, "info", self._read_only_reason())
+            if self.demo is not None:
+                log.add(now, "info", "demo: press x to squeeze cuda:0 and watch devmapd demote a model; "
+                                     "x again clears it")
+        self.outage_logged = False
+        self.refresh_bindings()
+
+    def on_unreachable(self, message: Unreachable) -> None:
+        self.connected = False
+        self.last_error = message.error
+        sock = self.query_one(HeaderBar).socket
+        self._set_banner(f"⚠ daemon unreachable at {sock}: {message.error} — retrying "
+                         f"(attempt {message.attempt}, next in {message.retry_in:g}s); "
+                         f"the data below is stale", "down")
+        self.query_one("#main").add_class("stale")
+        if not self.outage_logged:
+            self.query_one(EventLog).add(self.clock(), "error",
+                                         f"lost the daemon ({message.error}); retrying")
+            self.outage_logged = True
+        self.refresh_bindings()
+
+    def _set_banner(self, text: str | None, kind: str = "down") -> None:
+        banner = self.query_one("#banner", Static)
+        banner.set_class(text is not None, "visible")
+        banner.set_class(kind == "connecting", "connecting")
+        banner.update(text or "")
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_daemon_event(self, message: DaemonEvent) -> None:
+        event = message.event
+        kind = event.get("type")
+        ts = event.get("ts") or self.clock()
+        log = self.query_one(EventLog)
+        if kind == "model":
+            record = event.get("model") or {}
+            name = record.get("name")
+            if not name:
+                return
+            prev = self.state.apply_model(record)
+            state = record.get("state")
+            if state != prev and state == "ready":
+                where = main_device(record) or "?"
+                log.add(ts, "loaded", event.get("message") or
+                        f"{name} ready on {where} ({human_bytes(record.get('bytes'))})")
+            self._details.pop(name, None)
+            self._queue(name)
+        elif kind == "removed":
+            name = event.get("name")
+            if name and self.state.remove_model(name):
+                log.add(ts, "removed", event.get("message") or f"{name} left the model directory")
+                self._queue(name)
+        elif kind == "devices":
+            self.state.apply_devices(event.get("devices") or [])
+            self.query_one(DevicePanel).update_from()
+            self.query_one(HeaderBar).update_from()
+        elif kind == "decision":
+            action = event.get("action") or "decision"
+            text = event.get("message") or self._decision_text(event)
+            log.add(ts, action, text)
+        elif event.get("message"):
+            log.add(ts, "info", event["message"])
+
+    @staticmethod
+    def _decision_text(event: dict[str, Any]) -> str:
+        parts = [str(event.get("name") or "?")]
+        if event.get("from") or event.get("to"):
+            parts.append(f"{event.get('from') or '-'} → {event.get('to') or '-'}")
+        return " ".join(parts)
+
+    def _queue(self, name: str) -> None:
+        """Coalesce bursts (a directory of 500 models landing) into one table pass per tick."""
+        self._pending.add(name)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.set_timer(0.05, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        names, self._pending = self._pending, set()
+        table = self.query_one(ModelTable)
+        table.sync(names, self.clock())
+        self._title_models()
+        if self._detail_for in names or table.selected_name != self._detail_for:
+            self._show_detail()
+
+    def on_status_refreshed(self, message: StatusRefreshed) -> None:
+        changed, removed = self.state.apply_status(message.status)
+        self._redraw_all(changed, removed)
+
+    def _redraw_all(self, changed: set[str], removed: set[str]) -> None:
+        table = self.query_one(ModelTable)
+        table.sync(changed | removed, self.clock())
+        self.query_one(DevicePanel).update_from()
+        self.query_one(HeaderBar).update_from()
+        self._title_models()
+        self._show_detail()
+
+    def _safety_refresh(self) -> None:
+        if self.connected:
+            self._fetch_status()
+
+    @work(thread=True, exclusive=True, group="status")
+    def _fetch_status(self) -> None:
+        try:
+            status = self.requests.call("status")
+        except Exception:
+            return  # the event pump owns reporting outages
+        self.post_message(StatusRefreshed(status))
+
+    def _tick(self) -> None:
+        self.query_one(HeaderBar).update_from()
+        self.query_one(ModelTable).refresh_ages(self.clock())
+
+    # -- selection and detail -----------------------------------------------------------------
+
+    def _title_models(self) -> None:
+        table = self.query_one(ModelTable)
+        spec = table.sort_spec
+        label = dict(COLUMNS)[spec.column].lower()
+        title = f"Models ({table.row_count} of {len(self.state.models)}) · sorted by {label} " \
+                f"{'▼' if spec.reverse else '▲'}"
+        if table.filter_text:
+            title += f" · filter “{table.filter_text}”"
+        table.border_title = title
+
+    def _selected_record(self) -> dict[str, Any] | None:
+        name = self.query_one(ModelTable).selected_name
+        return self.state.models.get(name) if name else None
+
+    def _read_only_reason(self) -> str:
+        uid = self.hello.get("uid")
+        who = f"uid {uid}" if uid is not None else "you"
+        return (f"read-only: {who} is not a devmapd operator, so remap/pin/evict/reload are "
+                f"disabled (an operator is root or in the daemon's operator group)")
+
+    def _actions_note(self) -> str | None:
+        if not self.connected:
+            return "Actions are disabled while the daemon is unreachable."
+        if not self.operator:
+            return self._read_only_reason()
+        return None
+
+    def _show_detail(self) -> None:
+        record = self._selected_record()
+        name = record.get("name") if record else None
+        self._detail_for = name
+        detail = self._details.get(name) if name else None
+        self.query_one(DetailPane).update(
+            detail_renderable(record, detail, self.clock(), self._actions_note()))
+        if name and detail is None and self.connected:
+            self._fetch_detail(name)
+
+    @work(thread=True, exclusive=True, group="detail")
+    def _fetch_detail(self, name: str) -> None:
+        time.sleep(0.15)   # debounce: scrolling through 500 rows must not fire 500 requests
+        try:
+            detail = self.requests.call("model", name)
+        except Exception:
+            return
+        self.call_from_thread(self._detail_arrived, name, detail)
+
+    def _detail_arrived(self, name: str, detail: dict[str, Any]) -> None:
+        self._details[name] = detail if isinstance(detail, dict) else {}
+        if self._detail_for == name:
+            self._show_detail()
+
+    @on(DataTable.RowHighlighted, "#models")
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+        self.refresh_bindings()
+
+    @on(DataTable.HeaderSelected, "#models")
+    def _header_selected(self, event: DataTable.HeaderSelected) -> None:
+        table = self.query_one(ModelTable)
+        table.set_sort(str(event.column_key.value))
+        self._title_models()
+
+    # -- bindings -----------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "pressure":
+            return self.demo is not None
+        if action in ACTIONS_NEEDING_OPERATOR:
+            if not self.connected or not self.operator:
+                return None   # shown greyed out; the reason is in the header and detail pane
+            if self._selected_record() is None:
+                return None
+        return True
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_cycle_sort(self) -> None:
+        table = self.query_one(ModelTable)
+        index = SORT_COLUMNS.index(table.sort_spec.column) if table.sort_spec.column in SORT_COLUMNS else -1
+        table.set_sort(SORT_COLUMNS[(index + 1) % len(SORT_COLUMNS)], reverse=False)
+        self._title_models()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("visible")
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.value:
+            box.value = ""
+        box.remove_class("visible")
+        self.query_one(ModelTable).focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        table = self.query_one(ModelTable)
+        table.filter_text = event.value.strip()
+        table.rebuild(self.clock())
+        self._title_models()
+        self._show_detail()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        if not event.value.strip():
+            event.input.remove_class("visible")
+        self.query_one(ModelTable).focus()
+
+    def action_refresh(self) -> None:
+        self._fetch_status()
+
+    def action_pressure(self) -> None:
+        if self.demo is None:
+            return
+        try:
+            text = self.demo.set_pressure(not self.demo.pressure)
+        except Exception as exc:
+            text = f"could not change simulated pressure: {error_text(exc)}"
+        self.query_one(EventLog).add(self.clock(), "info", text)
+
+    def action_remap(self) -> None:
+        record = self._selected_record()
+        if record is None:
+            return
+        name = record["name"]
+
+        def chosen(choice: RemapChoice | None) -> None:
+            if choice is None:
+                return
+            if choice.pin:
+                self._run_op("pin", name, choice.device)
+            else:
+                self._run_op("remap", name, choice.device)
+
+        self.push_screen(RemapDialog(record, list(self.state.devices)), chosen)
+
+    def action_pin(self) -> None:
+        record = self._selected_record()
+        if record is None:
+            return
+        if record.get("pinned"):
+            self._run_op("unpin", record["name"])
+        else:
+            self._run_op("pin", record["name"], main_device(record) or "cpu")
+
+    def action_evict(self) -> None:
+        record = self._selected_record()
+        if record is None:
+            return
+        name = record["name"]
+        where = ", ".join(f"{d} {human_bytes(b)}" for d, b in (record.get("placement") or {}).items())
+        clients = record.get("clients") or 0
+        body = (f"Drop {name} from memory{f' ({where})' if where else ''}? Processes that already "
+                f"fetched it keep their copy{f' ({clients} now)' if clients else ''}; the next fetch "
+                f"waits for a reload.")
+        self.push_screen(ConfirmDialog(f"Evict {name}?", body, "Evict"),
+                         lambda yes: self._run_op("evict", name) if yes else None)
+
+    def action_reload(self) -> None:
+        record = self._selected_record()
+        if record is None:
+            return
+        name = record["name"]
+        body = (f"Read {name} again from disk? Its memory is dropped and it is placed anew; "
+                f"fetches wait until it is ready.")
+        self.push_screen(ConfirmDialog(f"Reload {name}?", body, "Reload"),
+                         lambda yes: self._run_op("reload", name) if yes else None)
+
+    @work(thread=True, group="actions")
+    def _run_op(self, op: str, name: str, *args: str) -> None:
+        try:
+            result = self.requests.call(op, name, *args)
+        except PermissionDenied as exc:
+            self.call_from_thread(self._op_done, op, name, args, None, "refused", error_text(exc))
+        except DaemonUnavailable as exc:
+            self.call_from_thread(self._op_done, op, name, args, None, "error",
+                                  f"daemon unreachable: {error_text(exc)}")
+        except DevmapdError as exc:
+            self.call_from_thread(self._op_done, op, name, args, None, "refused", error_text(exc))
+        except Exception as exc:  # a bug or a broken socket must not kill the dashboard
+            self.call_from_thread(self._op_done, op, name, args, None, "error", error_text(exc))
+        else:
+            self.call_from_thread(self._op_done, op, name, args, result, None, None)
+
+    def _op_done(self, op: str, name: str, args: tuple[str, ...], result: Any,
+                 failure: str | None, error: str | None) -> None:
+        log = self.query_one(EventLog)
+        target = f" → {args[0]}" if args else ""
+        if failure:
+            log.add(self.clock(), failure, f"{op} {name}{target}: {error}")
+            self.notify(f"{op} {name}: {error}", severity="error", timeout=6)
+            return
+        message = result.get("message") if isinstance(result, dict) else None
+        log.add(self.clock(), "info", f"{op} {name}{target}: {message or 'done'}")
+        record = result.get("model") if isinstance(result, dict) else None
+        if isinstance(record, dict) and record.get("name"):
+            self.state.apply_model(record)
+            self._queue(record["name"])
+
+
+def run(socket: str | None = None, *, demo: DemoHooks | None = None) -> int:
+    """Entry for `devmapd tui [--socket S]` (and `devmapd demo`): returns the exit status."""
+    app = DevmapdApp(socket, demo=demo)
+    result = app.run()
+    return int(result or 0)
+
+
+def stylesheet_path() -> Path:
+    return Path(__file__).with_name(DevmapdApp.CSS_PATH)

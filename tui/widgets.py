@@ -1,0 +1,418 @@
+"""The dashboard's panels: header line, connection banner, devices, models table, detail, log."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import DataTable, RichLog, Static
+
+from .models import (
+    DaemonState, SortSpec, dtype_text, human_age, human_bytes, human_duration, load_time_text,
+    memory_split, model_matches, placement_items, placement_text, progress_fraction, short_uuid,
+    sort_key, utilization_percent,
+)
+
+BAR_WIDTH = 20
+# Distinct glyphs as well as colours, so the bar still reads in a plain-text capture.
+BAR_PARTS = (
+    ("models", "█", "green"),
+    ("others", "▒", "yellow"),
+    ("reserve", "░", "red"),
+    ("free", "·", "grey50"),
+)
+STATE_STYLE = {"ready": "green", "loading": "yellow", "queued": "cyan", "failed": "bold red",
+               "evicted": "grey50"}
+ACTION_STYLE = {"placed": "green", "promoted": "green", "loaded": "green", "reloaded": "green",
+                "demoted": "yellow", "remapped": "cyan", "pinned": "cyan", "unpinned": "cyan",
+                "evicted": "magenta", "failed": "bold red", "removed": "magenta", "refused": "red",
+                "error": "red", "info": "grey62"}
+
+
+def memory_bar(device: dict[str, Any], width: int = BAR_WIDTH) -> Text:
+    """models | others | reserve | free, with largest-remainder rounding so it is always `width`."""
+    split = memory_split(device)
+    text = Text()
+    if split.total <= 0:
+        return Text("·" * width, style="grey35")
+    parts = [getattr(split, name) for name, _, _ in BAR_PARTS]
+    exact = [p * width / split.total for p in parts]
+    cells = [int(e) for e in exact]
+    # Any non-zero part gets at least one cell so a small holding is still visible.
+    for i, p in enumerate(parts):
+        if p > 0 and cells[i] == 0:
+            cells[i] = 1
+    while sum(cells) > width:
+        i = max(range(len(cells)), key=lambda k: (cells[k] - exact[k], cells[k]))
+        cells[i] -= 1
+    order = sorted(range(len(cells)), key=lambda k: exact[k] - int(exact[k]), reverse=True)
+    k = 0
+    while sum(cells) < width:
+        cells[order[k % len(order)]] += 1
+        k += 1
+    for (_, glyph, style), n in zip(BAR_PARTS, cells):
+        text.append(glyph * n, style=style)
+    return text
+
+
+def bar_legend() -> Text:
+    legend = Text("  ")
+    labels = {"models": "devmapd models", "others": "other processes", "reserve": "reserve",
+              "free": "free"}
+    for name, glyph, style in BAR_PARTS:
+        legend.append(glyph * 2, style=style)
+        legend.append(f" {labels[name]}   ", style="grey62")
+    legend.append("history: free memory, newest right", style="grey50")
+    return legend
+
+
+class HeaderBar(Static):
+    """One line: who we talk to, how long it has run, and whether we may act."""
+
+    def __init__(self, state: DaemonState, **kwargs: Any) -> None:
+        super().__init__("", **kwargs)
+        self.state = state
+        self.socket = "?"
+        self.hello: dict[str, Any] = {}
+        self.mode = ""
+
+    def update_from(self) -> None:
+        d = self.state.daemon
+        hello = self.hello
+        text = Text()
+        text.append(" devmapd ", style="bold reverse")
+        version = d.get("version") or hello.get("version")
+        if version:
+            text.append(f" {version}", style="bold")
+        host = d.get("host") or hello.get("host")
+        sep = ("  │  ", "grey42")
+        if host:
+            text.append(*sep)
+            text.append(str(host), style="bold")
+        up = self.state.uptime()
+        if up is not None:
+            text.append(*sep)
+            text.append(f"up {uptime_text(up)}")
+        backend = d.get("backend") or hello.get("backend")
+        if backend or self.state.loaded:
+            text.append(*sep)
+            text.append(backend_text(backend, self.state), style="cyan")
+        text.append(*sep)
+        text.append(str(d.get("socket") or hello.get("socket") or self.socket), style="grey62")
+        if self.mode:
+            text.append(*sep)
+            text.append(self.mode, style="bold green" if self.mode == "operator" else "bold yellow")
+        self.update(text)
+
+
+def uptime_text(seconds: float) -> str:
+    # Minute resolution past the first minute: the header refreshes every few seconds only.
+    if 60 <= seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    return human_duration(seconds)
+
+
+def backend_text(backend: str | None, state: DaemonState) -> str:
+    gpus = sum(1 for d in state.devices if d.get("kind", "gpu") == "gpu" and d.get("id") != "cpu")
+    if backend == "nvml":
+        return f"NVML · {gpus} GPU{'s' if gpus != 1 else ''}"
+    if backend == "simulated":
+        return f"simulated · {gpus} GPU{'s' if gpus != 1 else ''}"
+    if backend in ("none", None, ""):
+        return "CPU only (no GPU inventory)"
+    return str(backend)
+
+
+class DevicePanel(Static):
+    """A row per GPU and one for host RAM; redrawn whole, which is cheap for at most ~9 rows."""
+
+    def __init__(self, state: DaemonState, **kwargs: Any) -> None:
+        super().__init__("", **kwargs)
+        self.state = state
+
+    def update_from(self) -> None:
+        if not self.state.devices:
+            self.update(Text("  no device inventory yet", style="grey50"))
+            return
+        table = Table(box=None, expand=False, pad_edge=False, padding=(0, 1, 0, 0),
+                      header_style="bold grey70", show_edge=False)
+        table.add_column("Device", no_wrap=True)
+        table.add_column("Name", no_wrap=True, max_width=22, overflow="ellipsis")
+        table.add_column("UUID", no_wrap=True, style="grey62")
+        table.add_column("Memory", no_wrap=True, width=BAR_WIDTH)
+        table.add_column("Models", justify="right", no_wrap=True)
+        table.add_column("Others", justify="right", no_wrap=True)
+        table.add_column("Free", justify="right", no_wrap=True)
+        table.add_column("Total", justify="right", no_wrap=True)
+        table.add_column("Util", justify="right", no_wrap=True)
+        table.add_column("Free history", no_wrap=True, style="blue")
+        table.add_column("", no_wrap=True)
+        for dev in self.state.devices:
+            split = memory_split(dev)
+            is_host = dev.get("kind") == "cpu" or dev.get("id") == "cpu"
+            util = utilization_percent(dev.get("utilization"))
+            flags = Text()
+            if dev.get("lost"):
+                flags.append("LOST ", style="bold red")
+            if dev.get("error"):
+                flags.append("error ", style="red")
+            if dev.get("simulated"):
+                flags.append("sim", style="magenta")
+            ident = Text(dev.get("id", "?"), style="bold" if not dev.get("lost") else "strike red")
+            table.add_row(
+                ident,
+                dev.get("name") or ("Host RAM" if is_host else "?"),
+                "-" if is_host else short_uuid(dev.get("uuid")),
+                memory_bar(dev),
+                Text(human_bytes(split.models), style="green"),
+                Text(human_bytes(split.others), style="yellow"),
+                human_bytes(dev.get("free")),
+                human_bytes(split.total),
+                "-" if util is None else f"{util:.0f}%",
+                self.state.history.sparkline(dev.get("id", ""), 12),
+                flags,
+            )
+        self.update(Group(table, bar_legend()))
+
+
+# -- the models table -------------------------------------------------------------------------
+
+COLUMNS = (
+    ("name", "Name"), ("state", "State"), ("placement", "Placement"), ("size", "Size"),
+    ("dtype", "Dtype"), ("clients", "Clients"), ("last_fetch", "Last fetch"), ("load", "Load"),
+    ("pinned", "Pinned"),
+)
+
+
+def state_cell(record: dict[str, Any]) -> Text:
+    state = record.get("state", "?")
+    text = Text(state, style=STATE_STYLE.get(state, ""))
+    if state == "loading":
+        frac = progress_fraction(record.get("progress"))
+        if frac is not None:
+            text.append(f" {frac * 100:.0f}%", style="bold yellow")
+    elif state == "failed":
+        diag = record.get("diagnosis") or {}
+        if diag.get("code"):
+            text.append(f" {diag['code']}", style="red")
+    return text
+
+
+def row_cells(record: dict[str, Any], now: float) -> dict[str, Any]:
+    name = Text(record.get("name", "?"), no_wrap=True, overflow="ellipsis")
+    if record.get("state") == "failed":
+        name.stylize("red")
+    pin = record.get("pin") or ("yes" if record.get("pinned") else "")
+    return {
+        "name": name,
+        "state": state_cell(record),
+        "placement": placement_text(record.get("placement")),
+        "size": Text(human_bytes(record.get("bytes")), justify="right"),
+        "dtype": dtype_text(record.get("dtypes")),
+        "clients": Text(str(record.get("clients") or 0), justify="right"),
+        "last_fetch": human_age(record.get("last_fetch"), now),
+        "load": Text(load_time_text(record.get("load_time_s")), justify="right"),
+        "pinned": Text(pin, style="cyan"),
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Text) and isinstance(b, Text):
+        return a.plain == b.plain and a.spans == b.spans and a.style == b.style
+    return a == b
+
+
+class ModelTable(DataTable):
+    """The models table, kept in step with DaemonState row by row (never rebuilt on an event)."""
+
+    def __init__(self, state: DaemonState, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.state = state
+        self.filter_text = ""
+        self.sort_spec = SortSpec("name")
+        self._cells: dict[str, dict[str, Any]] = {}
+
+    def on_mount(self) -> None:
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
+
+    @property
+    def selected_name(self) -> str | None:
+        if self.row_count == 0:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:
+            return None
+        return key.value if key is not None else None
+
+    def sync(self, names: set[str] | list[str], now: float | None = None) -> None:
+        """Bring the given rows in line with the state: update in place, add, or drop."""
+        now = time.time() if now is None else now
+        resort = False
+        keep = self.selected_name
+        for name in names:
+            record = self.state.models.get(name)
+            visible = record is not None and model_matches(record, self.filter_text)
+            if not visible:
+                if name in self._cells:
+                    self.remove_row(name)
+                    del self._cells[name]
+                continue
+            cells = row_cells(record, now)
+            old = self._cells.get(name)
+            if old is None:
+                self.add_row(*(cells[k] for k, _ in COLUMNS), key=name)
+                self._cells[name] = cells
+                resort = True
+                continue
+            for key, _ in COLUMNS:
+                if not _same(old[key], cells[key]):
+                    self.update_cell(name, key, cells[key])
+                    if key == self.sort_spec.column:
+                        resort = True
+            self._cells[name] = cells
+        if resort:
+            self.apply_sort(keep)
+
+    def rebuild(self, now: float | None = None) -> None:
+        """Filter changed or full status replaced: drop rows that vanished, sync the rest."""
+        gone = [n for n in self._cells if n not in self.state.models]
+        for name in gone:
+            self.remove_row(name)
+            del self._cells[name]
+        self.sync(list(self.state.models), now)
+
+    def refresh_ages(self, now: float) -> None:
+        """Re-render the 'last fetch' column only (relative times age without events)."""
+        for name, cells in self._cells.items():
+            record = self.state.models.get(name)
+            if record is None:
+                continue
+            age = human_age(record.get("last_fetch"), now)
+            if age != cells["last_fetch"]:
+                cells["last_fetch"] = age
+                self.update_cell(name, "last_fetch", age)
+
+    def set_sort(self, column: str, reverse: bool | None = None) -> None:
+        if reverse is None:
+            reverse = (not self.sort_spec.reverse) if column == self.sort_spec.column else False
+        self.sort_spec = SortSpec(column, reverse)
+        self.apply_sort(self.selected_name)
+        self._label_columns()
+
+    def _label_columns(self) -> None:
+        for key, label in COLUMNS:
+            column = self.columns.get(key)  # type: ignore[call-overload]
+            if column is None:
+                continue
+            arrow = (" ▼" if self.sort_spec.reverse else " ▲") if key == self.sort_spec.column else ""
+            column.label = Text(label + arrow)
+        self.refresh()
+
+    def apply_sort(self, keep: str | None = None) -> None:
+        column = self.sort_spec.column
+        models = self.state.models
+
+        def key(name_cell: Any) -> Any:
+            name = name_cell.plain if isinstance(name_cell, Text) else str(name_cell)
+            return sort_key(column, models.get(name, {"name": name}))
+
+        self.sort("name", key=key, reverse=self.sort_spec.reverse)
+        if keep is not None and keep in self._cells:
+            self.move_cursor(row=self.get_row_index(keep), scroll=False)
+
+    def select(self, name: str) -> bool:
+        if name not in self._cells:
+            return False
+        self.move_cursor(row=self.get_row_index(name))
+        return True
+
+
+# -- detail pane and event log ----------------------------------------------------------------
+
+def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | None, now: float,
+                      actions_note: str | None = None) -> RenderableType:
+    if record is None:
+        return Text("Select a model to see where it sits, why, and what is in it.", style="grey50")
+    out = Text()
+    state = record.get("state", "?")
+    out.append(record.get("name", "?"), style="bold")
+    out.append("  ")
+    out.append(state, style=STATE_STYLE.get(state, ""))
+    if record.get("reason"):
+        out.append(f" — {record['reason']}", style="grey70")
+    out.append("\n")
+
+    def row(label: str, value: str, style: str = "") -> None:
+        out.append(f"{label:<10}", style="grey62")
+        out.append(value + "\n", style=style)
+
+    if record.get("path"):
+        row("path", str(record["path"]))
+    diag = record.get("diagnosis") or (detail or {}).get("diagnosis")
+    if state == "failed" or diag:
+        if diag:
+            out.append("diagnosis ", style="bold red")
+            out.append(f"[{diag.get('code', '?')}] ", style="red")
+            out.append((diag.get("message") or "") + "\n", style="red")
+        elif record.get("error"):
+            row("error", str(record["error"]), "red")
+    items = placement_items(record.get("placement"))
+    if items:
+        row("placement", ", ".join(f"{dev} {human_bytes(b)}" for dev, b in items))
+    insp = (detail or {}).get("inspection") or {}
+    fmt = insp.get("format") or record.get("format")
+    tensors = insp.get("tensors", record.get("tensors"))
+    size = insp.get("bytes", record.get("bytes"))
+    summary = [s for s in (fmt, f"{tensors} tensors" if tensors is not None else None,
+                           human_bytes(size) if size is not None else None) if s]
+    if summary:
+        row("contents", " · ".join(summary))
+    dtypes = insp.get("dtypes") or record.get("dtypes") or {}
+    if dtypes:
+        row("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in
+                                sorted(dtypes.items(), key=lambda kv: -kv[1])))
+    locations = insp.get("locations") or record.get("locations") or {}
+    if locations:
+        row("saved on", ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(locations.items())))
+    prefixes = insp.get("prefixes") or record.get("prefixes") or ()
+    if prefixes:
+        row("prefixes", ", ".join(prefixes) + " (stripped)")
+    if insp.get("groups"):
+        groups = insp["groups"]
+        row("groups", f"{len(groups)} module groups; largest tensor "
+                      f"{human_bytes(insp.get('largest_tensor'))}")
+    files = insp.get("files") or ()
+    if len(files) > 1:
+        row("files", f"{len(files)} shards")
+    pin = record.get("pin")
+    row("usage", f"{record.get('clients') or 0} clients · {record.get('fetches') or 0} fetches · "
+                 f"last fetch {human_age(record.get('last_fetch'), now)}")
+    row("load", f"{load_time_text(record.get('load_time_s'))} · pinned: "
+                + (f"yes, to {pin}" if pin else ("yes" if record.get("pinned") else "no")))
+    if actions_note:
+        out.append(actions_note, style="yellow")
+    return out
+
+
+class DetailPane(Static):
+    pass
+
+
+class EventLog(RichLog):
+    """The daemon's decisions, newest at the bottom, capped so a long day stays cheap."""
+
+    def __init__(self, fmt_time: Callable[[float], str], **kwargs: Any) -> None:
+        super().__init__(max_lines=1000, wrap=True, markup=False, highlight=False,
+                         auto_scroll=True, **kwargs)
+        self.fmt_time = fmt_time
+
+    def add(self, ts: float, action: str, message: str) -> None:
+        line = Text()
+        line.append(self.fmt_time(ts) + " ", style="grey50")
+        line.append(f"{action:<9}", style=ACTION_STYLE.get(action, "white"))
+        line.append(" " + message)
+        self.write(line)
