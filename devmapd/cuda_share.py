@@ -5,15 +5,24 @@ manifest's byte offsets stay valid inside it); ``export`` produces a JSON-able I
 client fetch. Client: ``import_segment`` maps the buffer into its own CUDA context (device found
 by UUID, never by index) and ``tensors_from_segment`` builds the tensors as views of it.
 
-Lifetime (torch's CUDA IPC reference counting, torch/multiprocessing/reductions.py and
-CudaIPCTypes.cpp): every ``export`` (``storage._share_cuda_()``) takes a slot in a shared
-ref-counter file and keeps the producer's block in torch's "sent data" set. The consumer's
-imported storage decrements that slot when it is freed. When the daemon drops its own reference
-(``release``), a block whose counters are not yet zero moves to torch's limbo and is really freed
-only by a later ``torch.cuda.ipc_collect()`` once every consumer has let go. So: the daemon must
-keep calling ``collect()`` (each release does, and the daemon should on its housekeeping tick)
-and must export once per client fetch; a client that dies before importing leaves its slot
-unreleased, which keeps that block alive until the daemon exits (torch offers no revocation).
+Lifetime (torch's CUDA IPC reference counting; torch/csrc/StorageSharing.cpp, CudaIPCTypes.cpp):
+
+* every ``export`` (``storage._share_cuda_()``) wraps the producer's block in a NEW ref-counter
+  slot set to 1, in a shared-memory counter file owned by the producer (the daemon);
+* the consumer's imported storage decrements *its* slot when the storage is freed (all tensors
+  and slices on it gone); importing the same handle twice in one process is deduplicated by
+  torch, which decrements the extra slot at once;
+* when the daemon drops its buffer (``release``), a block whose slots are not all zero waits in
+  torch's "limbo" and is freed only by a later ``torch.cuda.ipc_collect()`` (``collect``; the
+  caching allocator also runs it when it runs out of memory).
+
+Consequences the daemon must honour: export ONCE PER CLIENT FETCH, never share one payload
+between clients (each consumer decrements once: a shared payload goes negative and the block
+can be freed under live clients; an unused payload keeps its slot at 1 and leaks the block).
+A payload whose client died, or never imported it, must be returned with ``release_payload``
+(the dead process's deleter never ran); a live client's own storage deleter does it otherwise.
+GPU memory shared this way is NOT copy-on-write: a client writing into its CUDA tensors writes
+into the daemon's copy, which every other client sees (CUDA IPC has no private mappings).
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from . import arena
 
 __all__ = ["CudaShareError", "GpuSegment", "import_segment", "local_index_for_uuid",
            "normalize_uuid", "tensors_from_segment", "collect", "payload_to_json",
-           "payload_from_json"]
+           "payload_from_json", "release_payload", "manifest_for_client"]
 
 PAYLOAD_VERSION = 1
 # Staging chunk for host->device copies through pinned memory: big enough to reach full PCIe
@@ -175,6 +184,36 @@ class GpuSegment:
         """Drop our reference; torch frees the block once every importer has released it."""
         self.buf = None
         collect()
+
+
+def release_payload(payload: dict) -> None:
+    """Give back the ref-counter slot of a payload that will never be (or no longer is) used.
+
+    For the daemon: a client that died (imported or not), or a payload never sent. Calling it
+    for a live client that still holds the import would let the block be freed under it.
+    """
+    handle = _unb64(payload.get("ref_counter_handle"))
+    if handle is None or not torch.cuda.is_available():
+        return
+    torch.UntypedStorage._release_ipc_counter_cuda(handle, int(payload["ref_counter_offset"]))
+
+
+def manifest_for_client(manifest: arena.Manifest, gpu_segments: dict[int, "GpuSegment"]
+                        ) -> tuple[arena.Manifest, list[dict]]:
+    """The manifest to send ONE client: a fresh export for each cuda-ipc segment.
+
+    Returns it with the payloads issued (keep them with the client's lease, for
+    ``release_payload`` should the client die).
+    """
+    import dataclasses
+    segs = list(manifest.segments)
+    issued: list[dict] = []
+    for i, gpu in gpu_segments.items():
+        payload = gpu.export()
+        issued.append(payload)
+        segs[i] = dataclasses.replace(segs[i], kind="cuda-ipc", ipc=payload,
+                                      device_uuid=gpu.device_uuid)
+    return dataclasses.replace(manifest, segments=tuple(segs)), issued
 
 
 def collect() -> None:
