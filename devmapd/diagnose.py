@@ -89,12 +89,23 @@ def torchscript(path) -> CheckpointError:
                        "to have devmapd serve it")
 
 
+# Globals whose only use in a checkpoint is to run code: never suggest allowing them.
+_CODE_RUNNERS = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "socket.", "runpy.",
+                 "importlib.", "pty.", "builtins.eval", "builtins.exec", "builtins.compile",
+                 "builtins.getattr", "builtins.__import__", "builtins.open", "webbrowser.", "code.")
+
+
 def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | None = None) -> CheckpointError:
     names = ", ".join(offending) if offending else "an unknown callable"
+    if not offending or any(n.startswith(_CODE_RUNNERS) for n in offending):
+        return error("unsafe_pickle",
+                     f"{_name(path)} would call {names} when unpickled, i.e. run code, so devmapd refused it; "
+                     "do not load it with weights_only=False — get the weights from a trusted source and "
+                     "re-save only the tensors (model.state_dict()).", detail)
     return error("unsafe_pickle",
-                 f"{_name(path)} refers to {names}, which weights-only loading refuses because unpickling "
-                 f"it could run code; if you trust this file, add {names} to checkpoint.allowed_globals "
-                 "in the config, otherwise re-save only the tensors (model.state_dict()).", detail)
+                 f"{_name(path)} refers to {names}, which weights-only loading does not allow; if you trust "
+                 f"the file, add {names} to checkpoint.allowed_globals in the config, otherwise re-save "
+                 "only the tensors (model.state_dict()).", detail)
 
 
 def permission_denied(path, detail: str | None = None) -> CheckpointError:
