@@ -150,12 +150,14 @@ def apply_tensors(tensors: Sequence[torch.Tensor], saved_locations: Sequence[str
         return list(tensors)
     is_fn = callable(map_location) and not isinstance(map_location, (Mapping, torch.device))
     # storage identity -> (replacement storage or None for "keep")
-    done: dict[tuple[str, int, int], torch.UntypedStorage | None] = {}
+    # keyed by StorageImpl identity (_cdata): data_ptr alone confuses an empty storage with
+    # the one laid out right after it
+    done: dict[int, torch.UntypedStorage | None] = {}
     out: list[torch.Tensor] = []
     for i, t in enumerate(tensors):
         saved = saved_locations[i]
         st = t.untyped_storage()
-        key = (str(st.device), st.data_ptr(), st.nbytes())
+        key = st._cdata
         if key not in done:
             if is_fn:
                 result = map_location(st, saved)  # type: ignore[operator]
