@@ -245,7 +245,7 @@ class NvmlBackend:
                 self._caller.call(self._nvml.nvmlShutdown, timeout=self.call_timeout_s, what="nvmlShutdown")
             except Exception:  # noqa: BLE001 - already degrading, nothing more to say
                 pass
-        self._polls_until_retry = self.retry_every
+        self._polls_until_retry = self.retry_every - 1  # this poll counts as the first of N
 
     def _try_init(self) -> None:
         self.init_attempts += 1
@@ -370,6 +370,9 @@ class NvmlBackend:
         except (CallTimeout, CallerBusy) as exc:
             degraded = f"inventory degraded: NVML is not answering ({exc}); not waiting on it again until it returns"
             raws = self._stale("NVML not answering; showing last known numbers")
+        except Exception as exc:  # noqa: BLE001 - e.g. nvmlDeviceGetCount failing: never crash the poll
+            self._degrade(self._backend_reason(exc) or f"listing GPUs failed: {exc} ({type(exc).__name__})")
+            return self._cpu_only(host, host_warning, now)
         else:
             hung = [r for r in raws if r.error and "not answering" in r.error]
             if hung:
