@@ -1,0 +1,213 @@
+"""Memory-pressure decisions: which models to demote off a crowded GPU, and when to promote
+them back. PURE: plain data in, a list of moves and the next state out; no I/O, no clock.
+
+Called once per poll with the live GPU capacities (``free`` as NVML reports it, ``held`` =
+devmapd's own bytes there) and devmapd's holdings (one per model and device; a split model has
+several). The rules:
+
+* Demote. On a GPU whose ``free < low`` where devmapd holds unpinned models, move the least
+  recently fetched first until the projected free (``free`` + bytes moved off) is ``>= high``.
+  Target: another GPU that stays at or above ``high`` after taking it and has room under the
+  planner's capacity rules (policy picks which: best-fit or spread); else ``"cpu"``. A part of
+  a split model always goes to ``"cpu"`` (the daemon re-places the whole model).
+* Promote. A demoted model (``home`` set and not where it sits) goes back home when the home
+  GPU has had ``free >= high + charge(model)`` continuously for ``cooldown_s`` and devmapd still
+  has room there. The most recently fetched go first.
+* Hysteresis. Demotion starts below ``low`` and promotion needs ``high`` plus the model, so a
+  promotion never by itself pushes a GPU back under ``low``.
+* No flapping. A model moved in the last ``cooldown_s`` is never moved in the opposite
+  direction (a promoted model is not demoted, a demoted one not promoted) within that time.
+* Pinned models are never moved.
+
+The state carried between polls (:class:`PressureState`) holds each model's last move and
+since when its home has had room; it is immutable and pruned of models no longer held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .planner import DeviceCapacity, Policy, capacity, charge, fmt_bytes
+
+__all__ = ["Holding", "Watermarks", "Move", "PressureState", "evaluate"]
+
+DEMOTE = "demote"
+PROMOTE = "promote"
+
+
+@dataclass(frozen=True)
+class Holding:
+    name: str
+    device: str  # where these bytes sit now: "cuda:N" or "cpu"
+    bytes: int
+    last_fetch: float  # unix seconds; 0 when never fetched
+    pinned: bool
+    home: str | None  # where the model belongs when it was demoted; None when it is at home
+
+
+@dataclass(frozen=True)
+class Watermarks:
+    low: int  # bytes: demote when a GPU's free drops below this
+    high: int  # bytes: ...until it is back at or above this
+    cooldown_s: float
+
+
+@dataclass(frozen=True)
+class Move:
+    name: str
+    source: str
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LastMove:
+    source: str
+    target: str
+    at: float
+    direction: str  # "demote" | "promote"
+
+
+@dataclass(frozen=True)
+class PressureState:
+    """Opaque to callers: start with ``PressureState()`` and pass back what evaluate returns."""
+
+    last_moves: tuple[tuple[str, LastMove], ...] = ()  # name -> its last move (sorted by name)
+    room_since: tuple[tuple[str, float], ...] = ()  # name -> since when its home has had room
+
+    def last_move(self, name: str) -> LastMove | None:
+        return dict(self.last_moves).get(name)
+
+
+@dataclass
+class _Model:
+    name: str
+    pinned: bool
+    home: str | None
+    last_fetch: float
+    parts: dict[str, int]  # device -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def _models(holdings: Sequence[Holding]) -> dict[str, _Model]:
+    out: dict[str, _Model] = {}
+    for h in holdings:
+        m = out.get(h.name)
+        if m is None:
+            m = out[h.name] = _Model(h.name, h.pinned, h.home, h.last_fetch, {})
+        m.pinned = m.pinned or h.pinned
+        m.home = m.home or h.home
+        m.last_fetch = max(m.last_fetch, h.last_fetch)
+        m.parts[h.device] = m.parts.get(h.device, 0) + max(0, h.bytes)
+    return out
+
+
+def _blocked(state: dict[str, LastMove], name: str, direction: str, now: float, cooldown_s: float) -> bool:
+    """True when ``name`` moved the other way less than ``cooldown_s`` ago (no flapping)."""
+    last = state.get(name)
+    return last is not None and last.direction != direction and now - last.at < cooldown_s
+
+
+def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state: PressureState,
+             now: float, marks: Watermarks, policy: Policy) -> tuple[list[Move], PressureState]:
+    """This poll's moves (demotions first, in GPU order; then promotions) and the next state."""
+    by_id = {g.id: g for g in gpus}
+    order = [g.id for g in gpus]
+    models = _models(holdings)
+    last = dict(state.last_moves)
+    room_since = dict(state.room_since)
+    moves: list[Move] = []
+    moved: set[str] = set()
+    incoming: dict[str, int] = {}  # GPU -> charged bytes moving onto it this poll
+    released: dict[str, int] = {}  # GPU -> bytes moving off it this poll
+
+    def room_for_devmapd(dev: str) -> int:
+        g = by_id[dev]
+        return capacity(g, policy) - g.held - incoming.get(dev, 0) + released.get(dev, 0)
+
+    def projected_free(dev: str) -> int:
+        return by_id[dev].free - incoming.get(dev, 0) + released.get(dev, 0)
+
+    pressured = [d for d in order if not by_id[d].lost and by_id[d].free < marks.low]
+
+    # ---- demotions --------------------------------------------------------------------------
+    for dev in pressured:
+        candidates = sorted(
+            (m for m in models.values()
+             if dev in m.parts and not m.pinned and m.name not in moved
+             and not _blocked(last, m.name, DEMOTE, now, marks.cooldown_s)),
+            key=lambda m: (m.last_fetch, m.name),
+        )
+        for m in candidates:
+            if projected_free(dev) >= marks.high:
+                break
+            nbytes = m.parts[dev]
+            cost = charge(nbytes, policy.overhead)
+            target = "cpu"
+            if len(m.parts) == 1:
+                recent = last.get(m.name)
+                fitting = [
+                    t for t in order
+                    if t != dev and t not in pressured and not by_id[t].lost and t != m.home
+                    and not (recent is not None and recent.source == t and now - recent.at < marks.cooldown_s)
+                    and projected_free(t) - cost >= marks.high and room_for_devmapd(t) >= cost
+                ]
+                if fitting:
+                    if policy.mode == "spread":
+                        target = max(fitting, key=lambda t: (projected_free(t), -order.index(t)))
+                    else:
+                        target = min(fitting, key=lambda t: (projected_free(t), order.index(t)))
+            before = projected_free(dev)
+            released[dev] = released.get(dev, 0) + nbytes
+            if target != "cpu":
+                incoming[target] = incoming.get(target, 0) + cost
+            moved.add(m.name)
+            last[m.name] = LastMove(dev, target, now, DEMOTE)
+            room_since.pop(m.name, None)
+            moves.append(Move(m.name, dev, target, (
+                f"{dev} free {fmt_bytes(before)} < low watermark {fmt_bytes(marks.low)}: "
+                f"least recently fetched unpinned model goes to {target} until free >= {fmt_bytes(marks.high)}")))
+
+    # ---- promotions -------------------------------------------------------------------------
+    waiting = sorted(
+        (m for m in models.values()
+         if m.home is not None and m.home in by_id and m.home not in m.parts and not m.pinned
+         and m.name not in moved),
+        key=lambda m: (-m.last_fetch, m.name),
+    )
+    for m in waiting:
+        home = by_id[m.home]  # type: ignore[index]
+        cost = charge(m.total, policy.overhead)
+        has_room = not home.lost and home.free >= marks.high + cost
+        if not has_room:
+            room_since.pop(m.name, None)
+            continue
+        since = room_since.setdefault(m.name, now)
+        if now - since < marks.cooldown_s or _blocked(last, m.name, PROMOTE, now, marks.cooldown_s):
+            continue
+        if home.id in pressured or projected_free(home.id) < marks.high + cost or room_for_devmapd(home.id) < cost:
+            continue  # earlier moves this poll took the room
+        source = max(m.parts, key=lambda d: (m.parts[d], d))
+        incoming[home.id] = incoming.get(home.id, 0) + cost
+        moved.add(m.name)
+        last[m.name] = LastMove(source, home.id, now, PROMOTE)
+        room_since.pop(m.name, None)
+        moves.append(Move(m.name, source, home.id, (
+            f"{home.id} has had free >= high watermark + model ({fmt_bytes(marks.high + cost)}) "
+            f"for {now - since:.0f}s: back home")))
+
+    waiting_names = {m.name for m in waiting}
+    room_since = {n: t for n, t in room_since.items() if n in waiting_names}
+
+    # ---- next state: only models still held; moves only while they can still block ----------
+    held_names = set(models)
+    next_state = PressureState(
+        last_moves=tuple(sorted((n, lm) for n, lm in last.items()
+                                if n in held_names and now - lm.at < marks.cooldown_s)),
+        room_since=tuple(sorted((n, t) for n, t in room_since.items() if n in held_names)),
+    )
+    return moves, next_state
