@@ -1,0 +1,251 @@
+"""Client programs for the wire tests, each run as its own process:
+``python -m tests.wire.clients COMMAND ARGS...``. Results go to stdout as one JSON line;
+long-lived ones print progress lines and wait for a line on stdin between phases.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from typing import Any
+
+
+def say(obj: Any) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def same(a: Any, b: Any, path: str = "") -> None:
+    """Assert ``a`` (fetched) equals ``b`` (torch.load): types, structure, dtypes, shapes, values."""
+    import torch
+    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        assert a.stride() == b.stride() and a.storage_offset() == b.storage_offset(), path
+        assert a.device == b.device, path
+        assert torch.equal(a, b), f"{path}: values differ"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)[:5]} != {list(b)[:5]}"
+        for k in a:
+            same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{path}.{i}")
+    elif isinstance(a, float) and math.isnan(b):
+        assert math.isnan(a), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def pss_kb(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise RuntimeError("no Pss line")
+
+
+def cmd_equal(sock: str, name: str, path: str) -> None:
+    """Fetched object == torch.load(file); tied weights stay tied; views stay views."""
+    import torch
+
+    import devmapd
+    got = devmapd.load(name, socket=sock)
+    ref = torch.load(path, weights_only=True)
+    same(got, ref)
+    if name in ("small", "slow"):
+        assert got["tied_a"].untyped_storage().data_ptr() == got["tied_b"].untyped_storage().data_ptr()
+        assert got["view"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+    # map_location naming the device the tensors are on moves nothing.
+    again = devmapd.load(name, "cpu", socket=sock)
+    same(again, ref)
+    say({"ok": True, "tensors": sum(isinstance(v, torch.Tensor) for v in got.values())})
+
+
+def cmd_write(sock: str, name: str, path: str) -> None:
+    """Writing into fetched tensors changes only this process's copy."""
+    import torch
+
+    import devmapd
+    got = devmapd.load(name, socket=sock)
+    ref = torch.load(path, weights_only=True)
+    first = next(iter(got))
+    got[first].add_(1000.0)
+    got[first].view(-1)[0] = 12345.0
+    assert got[first].view(-1)[0].item() == 12345.0
+    assert not torch.equal(got[first], ref[first])
+    # A second fetch (new connection, same process) maps the memfd again: untouched.
+    with devmapd.Client(sock) as c:
+        fresh = c.fetch(name)
+    same(fresh, ref)
+    say({"ok": True, "key": first})
+
+
+def cmd_hold(sock: str, name: str, path: str) -> None:
+    """Load, print LOADED, wait for a line, then check our copy still equals the file."""
+    import torch
+
+    import devmapd
+    got = devmapd.load(name, socket=sock)
+    print("LOADED", flush=True)
+    sys.stdin.readline()
+    same(got, torch.load(path, weights_only=True))
+    say({"ok": True})
+
+
+def cmd_memfd(sock: str, name: str) -> None:
+    """The received memfd refuses writes, writable shared maps and resizing (EPERM)."""
+    import errno
+    import mmap
+
+    from devmapd.client import Client
+    from devmapd.protocol import MAX_FDS_PER_FRAME, close_fds
+    out: dict[str, Any] = {}
+    with Client(sock) as c:
+        result, fds = c._call("fetch", {"name": name}, max_fds=MAX_FDS_PER_FRAME)
+        try:
+            fd = fds[0]
+            out["nfds"] = len(fds)
+            for what, fn in (("write", lambda: os.write(fd, b"x")),
+                             ("pwrite", lambda: os.pwrite(fd, b"x", 0)),
+                             ("ftruncate", lambda: os.ftruncate(fd, 0)),
+                             ("mmap_shared_write", lambda: mmap.mmap(fd, 4096, mmap.MAP_SHARED,
+                                                                    mmap.PROT_READ | mmap.PROT_WRITE))):
+                try:
+                    fn()
+                    out[what] = "allowed"
+                except OSError as e:
+                    out[what] = errno.errorcode.get(e.errno, str(e.errno))
+            # Reopening through /proc for writing must not get around the seals either.
+            try:
+                w = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
+                try:
+                    os.write(w, b"x")
+                    out["reopen_write"] = "allowed"
+                except OSError as e:
+                    out["reopen_write"] = errno.errorcode.get(e.errno, str(e.errno))
+                finally:
+                    os.close(w)
+            except OSError as e:
+                out["reopen_write"] = errno.errorcode.get(e.errno, str(e.errno))
+        finally:
+            close_fds(fds)
+    say(out)
+
+
+def cmd_pss(sock: str, name: str) -> None:
+    """Phase 1: print READY; phase 2 (stdin line): load + read every byte, print LOADED."""
+    import torch  # noqa: F401  (imported before the baseline so it is not counted as the model)
+
+    import devmapd
+    import devmapd.arena  # noqa: F401
+    say({"phase": "ready", "pss_kb": pss_kb()})
+    sys.stdin.readline()
+    got = devmapd.load(name, socket=sock)
+    total = 0.0
+    for t in got.values():
+        total += float(t.sum())   # reads every byte of the mapping, allocates nothing big
+    say({"phase": "loaded", "pss_kb": pss_kb(), "checksum": total})
+    sys.stdin.readline()
+
+
+def cmd_many(sock: str, name: str, path: str, nthreads: str) -> None:
+    """N threads, each with its own connection, fetch at once and verify; hold until stdin."""
+    import torch
+
+    from devmapd.client import Client
+    ref = torch.load(path, weights_only=True)
+    n = int(nthreads)
+    barrier = threading.Barrier(n)
+    clients = [Client(sock) for _ in range(n)]
+    errors: list[str] = []
+
+    def work(c: Client) -> None:
+        try:
+            c.hello()              # connect first, so all n connections exist together
+            barrier.wait(30)
+            same(c.fetch(name), ref)
+        except Exception as e:     # reported, not swallowed
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    say({"ok": not errors, "errors": errors[:3], "n": n})
+    sys.stdin.readline()
+    for c in clients:
+        c.close()
+
+
+def cmd_access(sock: str) -> None:
+    """What this uid may do: each op's outcome (ok or the error code and message)."""
+    import devmapd
+    from devmapd.client import Client, DevmapdError
+    out: dict[str, Any] = {"uid": os.getuid(), "groups": os.getgroups()}
+    with Client(sock) as c:
+        for op, call in (("hello", lambda: c.hello()), ("status", lambda: c.status()),
+                         ("fetch", lambda: c.fetch("small")),
+                         ("remap", lambda: c.remap("small", "cpu")),
+                         ("evict", lambda: c.evict("small"))):
+            try:
+                r = call()
+                out[op] = {"ok": True, "n": len(r) if hasattr(r, "__len__") else None}
+            except DevmapdError as e:
+                out[op] = {"ok": False, "code": e.code, "class": type(e).__name__, "message": str(e)}
+    try:
+        devmapd.load("small", socket=sock)
+        out["load"] = {"ok": True}
+    except DevmapdError as e:
+        out["load"] = {"ok": False, "class": type(e).__name__, "message": str(e)}
+    say(out)
+
+
+def cmd_rawfetch(sock: str, name: str) -> None:
+    """Send a fetch, never read the reply, announce it and wait to be killed."""
+    import socket
+    import time
+
+    from devmapd import protocol as P
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    P.send_frame(s, P.request(1, "fetch", {"name": name}))
+    print("SENT", flush=True)
+    time.sleep(600)
+
+
+def cmd_loadslow(sock: str, name: str) -> None:
+    """devmapd.load a model whose fetch is slow; the test kills us while it is in flight."""
+    import devmapd
+    print("FETCHING", flush=True)
+    devmapd.load(name, socket=sock)
+    print("DONE", flush=True)
+
+
+def cmd_fallback(sock: str, name: str, path: str) -> None:
+    """devmapd.load with fallback on an unreachable daemon / unknown name: warns, loads locally."""
+    import warnings
+
+    import torch
+
+    import devmapd
+    out: dict[str, Any] = {}
+    try:
+        devmapd.load(name, socket=sock)
+        out["plain"] = "ok"
+    except devmapd.DevmapdError as e:
+        out["plain"] = type(e).__name__
+        out["plain_message"] = str(e)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = devmapd.load(name, socket=sock, fallback=True, path=path)
+    same(got, torch.load(path, weights_only=True))
+    out["warnings"] = [str(x.message) for x in w]
+    say(out)
+
+
+if __name__ == "__main__":
+    globals()[f"cmd_{sys.argv[1]}"](*sys.argv[2:])
