@@ -197,6 +197,12 @@ def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None
         names = offending_globals_in(text)
         if names or "Unsupported global" in text or "unrecognized function" in text:
             return unsafe_pickle(path, names, detail).diagnosis
+    # Anything else: the file itself says best what is wrong with it (inspect never raises and
+    # reads no tensor data), e.g. torch's bare "Invalid argument" for a truncated zip.
+    sniffed = _inspect_diagnosis(path)
+    if sniffed is not None:
+        return Diagnosis(sniffed.code, sniffed.message, detail)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
         if "invalid load key" in text:
             return not_a_checkpoint(path, None, detail).diagnosis
         first = text.splitlines()[0][:200] if text else type(exc).__name__
@@ -225,3 +231,15 @@ def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None
     return error("corrupt", f"{_name(path)} could not be loaded ({text.splitlines()[0][:200] if text else type(exc).__name__}); "
                             "check that it was written by torch.save or safetensors and save it again.",
                  detail).diagnosis
+
+
+def _inspect_diagnosis(path) -> Diagnosis | None:
+    if path is None:
+        return None
+    try:
+        if not os.path.exists(path):
+            return None
+        from .checkpoint import inspect   # lazy: checkpoint imports this module
+        return inspect(path).diagnosis
+    except Exception:
+        return None

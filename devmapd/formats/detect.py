@@ -1,7 +1,6 @@
 """Recognise what a file is from its first bytes (and, for zips, nothing more here)."""
 from __future__ import annotations
 
-import json
 import struct
 
 # torch.save's legacy (pre-1.6) stream starts with pickle PROTO 2 and the LONG1 magic number
@@ -50,11 +49,4 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
     if n < 2:
         return False
     body = head[8:8 + min(n, len(head) - 8)].lstrip(b" ")
-    return body[:1] == b"{" and (n + 8 <= size or n < (1 << 40))
-
-
-def is_json_object(data: bytes) -> bool:
-    try:
-        return isinstance(json.loads(data), dict)
-    except ValueError:
-        return False
+    return body[:1] == b"{"
