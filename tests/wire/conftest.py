@@ -135,9 +135,17 @@ class WireDaemon:
         return self.proc.pid
 
     def status(self) -> dict:
-        from devmapd.client import Client
-        with Client(self.socket, timeout=10) as c:
-            return c.status()
+        from devmapd.client import Client, DevmapdError
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with Client(self.socket, timeout=10) as c:
+                    return c.status()
+            except DevmapdError as e:
+                # Right after a test closed many sockets the server may not have reaped them yet.
+                if e.code != "busy" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def wire(self) -> dict:
         return self.status()["wire"]
