@@ -196,12 +196,9 @@ class DevmapdApp(App[int]):
             name = record.get("name")
             if not name:
                 return
-            prev = self.state.apply_model(record)
-            state = record.get("state")
-            if state != prev and state == "ready":
-                where = main_device(record) or "?"
-                log.add(ts, "loaded", event.get("message") or
-                        f"{name} ready on {where} ({human_bytes(record.get('bytes'))})")
+            # The daemon's own "placed"/"failed" decisions go to the log; a state change alone
+            # is shown in the table, not repeated as a log line.
+            self.state.apply_model(record)
             self._details.pop(name, None)
             self._queue(name)
         elif kind == "removed":
@@ -210,9 +207,10 @@ class DevmapdApp(App[int]):
                 log.add(ts, "removed", event.get("message") or f"{name} left the model directory")
                 self._queue(name)
         elif kind == "devices":
-            self.state.apply_devices(event.get("devices") or [])
-            self.query_one(DevicePanel).update_from()
-            self.query_one(HeaderBar).update_from()
+            # Sent at every inventory poll; redraw only when something visible changed.
+            if self.state.apply_devices(event.get("devices") or []):
+                self.query_one(DevicePanel).update_from()
+                self.query_one(HeaderBar).update_from()
         elif kind == "decision":
             action = event.get("action") or "decision"
             text = event.get("message") or self._decision_text(event)
@@ -467,7 +465,9 @@ class DevmapdApp(App[int]):
             self.notify(f"{op} {name}: {error}", severity="error", timeout=6)
             return
         message = result.get("message") if isinstance(result, dict) else None
-        log.add(self.clock(), "info", f"{op} {name}{target}: {message or 'done'}")
+        if not message and isinstance(result, dict) and result.get("state"):
+            message = f"accepted, now {result['state']}"
+        log.add(self.clock(), "info", f"{op} {name}{target}: {message or 'accepted'}")
         record = result.get("model") if isinstance(result, dict) else None
         if isinstance(record, dict) and record.get("name"):
             self.state.apply_model(record)

@@ -17,6 +17,7 @@ KIB = 1 << 10
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 HISTORY_LEN = 24
+HISTORY_INTERVAL_S = 5.0     # one sparkline sample per 5 s: 12 cells show the last minute
 
 # Model states in the order an operator cares about them when sorting by state.
 STATE_ORDER = {"failed": 0, "loading": 1, "queued": 2, "ready": 3, "evicted": 4}
@@ -106,11 +107,11 @@ def progress_fraction(progress: Any) -> float | None:
 
 
 def utilization_percent(util: Any) -> float | None:
-    """NVML reports 0-100; a simulated backend may report a fraction. Normalise to percent."""
+    """Percent 0-100 (NVML and the simulate file both use percent); None when unknown."""
     if not isinstance(util, (int, float)):
         return None
     value = float(util)
-    return value * 100.0 if 0.0 < value < 1.0 else value
+    return value
 
 
 def dtype_text(dtypes: dict[str, int] | None) -> str:
@@ -260,6 +261,8 @@ class DaemonState:
         self.models: dict[str, dict[str, Any]] = {}
         self.history = DeviceHistory()
         self.loaded = False
+        self._last_sample = float("-inf")
+        self._sampled_once = False
 
     def apply_status(self, status: dict[str, Any]) -> tuple[set[str], set[str]]:
         """Replace everything; returns (changed or new model names, removed model names)."""
@@ -272,10 +275,21 @@ class DaemonState:
         self.loaded = True
         return changed, removed
 
-    def apply_devices(self, devices: Iterable[dict[str, Any]]) -> None:
-        self.devices = sorted((dict(d) for d in devices), key=lambda d: device_sort_key(d.get("id", "")))
-        for dev in self.devices:
-            self.history.add(dev)
+    def apply_devices(self, devices: Iterable[dict[str, Any]]) -> bool:
+        """Store the device list; returns whether anything shown changed (list or history)."""
+        new = sorted((dict(d) for d in devices), key=lambda d: device_sort_key(d.get("id", "")))
+        changed = new != self.devices
+        self.devices = new
+        now = self.clock()
+        # The daemon reports at every poll (often sub-second): sample the sparkline at a fixed
+        # pace so its width means the same span of time on every machine.
+        if now - self._last_sample >= HISTORY_INTERVAL_S or changed and not self._sampled_once:
+            self._last_sample = now
+            self._sampled_once = True
+            for dev in self.devices:
+                self.history.add(dev)
+            changed = True
+        return changed
 
     def apply_model(self, record: dict[str, Any]) -> str | None:
         """Store one model record; returns the previous state (None when new)."""
