@@ -19,6 +19,7 @@ import fcntl
 import gc
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -445,7 +446,11 @@ def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_i
 def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
     """Client side: map each segment (memfd: copy-on-write; cuda-ipc: imported) and build tensors.
 
-    The caller keeps ownership of ``fds``: closing them afterwards is fine, the mappings stay.
+    ``fds[i]`` is segment i's sealed memfd; for a cuda-ipc segment it is None, or the memfd of
+    its host copy, which is used (with a RuntimeWarning) when the CUDA import is impossible
+    here (no GPU visible, other container, driver refuses). Without it that raises
+    cuda_share.CudaShareError. The caller keeps ownership of ``fds``: closing them afterwards
+    is fine, the mappings stay.
     """
     if len(fds) != len(manifest.segments):
         raise ArenaError(f"got {len(fds)} fds for {len(manifest.segments)} segments")
@@ -465,7 +470,16 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
                 from . import cuda_share   # only clients with GPU segments pay for this import
                 if seg.ipc is None or seg.device_uuid is None:
                     raise ArenaError(f"cuda-ipc segment {si} lacks its handle or device UUID")
-                buf = cuda_share.import_segment(seg.ipc, seg.device_uuid)
+                try:
+                    buf = cuda_share.import_segment(seg.ipc, seg.device_uuid)
+                except cuda_share.CudaShareError as e:
+                    # A cuda-ipc segment may come with its host copy's memfd: use it then.
+                    if fds[si] is None:
+                        raise
+                    warnings.warn(f"{e}; {seg.device} tensors are served from the CPU copy",
+                                  RuntimeWarning, stacklevel=2)
+                    tensors_on_storage(_map_segment(fds[si], seg.nbytes), manifest, si, out)
+                    continue
                 cuda_share.tensors_from_segment(buf, manifest, si, out)
             else:
                 raise ArenaError(f"segment {si} has unknown kind {seg.kind!r}; upgrade the client")

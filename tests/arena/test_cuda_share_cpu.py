@@ -123,3 +123,18 @@ def test_attach_dispatches_cuda_ipc_segments_to_cuda_share(packer, monkeypatch):
     assert torch.equal(got["a"], obj["a"]) and torch.equal(got["b"], obj["b"])
     with pytest.raises(arena.ArenaError, match="lacks its handle"):
         arena.attach(replace(m, segments=(replace(ipc_seg, ipc=None),)), [None])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs the import to fail")
+def test_cuda_ipc_segment_falls_back_to_its_host_copy_with_a_warning(packer):
+    from dataclasses import replace
+    obj = {"a": torch.randn(4), "b": torch.arange(3)}
+    m, seg = packer(obj)
+    payload = cuda_share.payload_to_json(_fake_reduce_args(), "GPU-abc", seg.nbytes)
+    m2 = replace(m, segments=(replace(m.segments[0], kind="cuda-ipc", device="cuda:0",
+                                      device_uuid="GPU-abc", ipc=payload),))
+    with pytest.warns(RuntimeWarning, match="served from the CPU copy"):
+        got = arena.build(m2, [seg.fd], map_location={"cuda:0": "cpu"})
+    assert got["a"].device.type == "cpu" and torch.equal(got["a"], obj["a"])
+    with pytest.raises(cuda_share.CudaShareError):        # no host copy: the error stands
+        arena.build(m2, [None])
