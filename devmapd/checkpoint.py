@@ -14,6 +14,7 @@ Failure vocabulary: ``Diagnosis`` / ``CheckpointError`` (see diagnose.py).
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import threading
@@ -254,6 +255,19 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 @contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Unpickling and walking thousands of tensors allocates many objects and nothing cyclic;
+    the cyclic GC would rescan them again and again (measured: ~1.5x slower for 4,000 tensors)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextmanager
 def _allowed(names: tuple[str, ...]) -> Iterator[None]:
     """Scope extra weights-only globals (from config only) to one inspect/read call."""
     if not names:
@@ -291,7 +305,7 @@ def inspect(path: Path | str, *, allowed_globals: tuple[str, ...] = ()) -> Inspe
     opened: list[OpenedFile] = []
     opts = ReadOptions(allowed_globals=tuple(allowed_globals))
     try:
-        with _allowed(opts.allowed_globals):
+        with _allowed(opts.allowed_globals), _gc_paused():
             parsed = _open_and_parse(path, opts, False, guess, opened)
             walked = normalize.walk(parsed.obj, normalize.DEFAULT_PREFIXES, path_hint=path)
             storages = _storages(path, parsed, walked)
@@ -367,6 +381,11 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     """
     from . import arena, tree   # the arena/tree modules are only needed to read, not to inspect
 
+    # Bad options are the caller's bug (config.py validates them), not a property of the file.
+    if options.gpu_dtype not in (None, *normalize.GPU_DTYPES):
+        raise ValueError(f"ReadOptions.gpu_dtype must be None, 'float16' or 'bfloat16', not {options.gpu_dtype!r}")
+    if options.threads < 1 or options.max_tensors < 0 or options.max_header_bytes < 0:
+        raise ValueError("ReadOptions.threads must be >= 1 and the caps >= 0")
     t0 = time.monotonic()
     path = _source_path(source)
     opened: list[OpenedFile] = []
@@ -375,9 +394,10 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     guess = _Guess()
     try:
         with _allowed(options.allowed_globals):
-            parsed = _open_and_parse(path, options, True, guess, opened)
-            walked = normalize.walk(parsed.obj, options.strip_prefixes, path_hint=path,
-                                    max_nodes=max(1000, 20 * options.max_tensors))
+            with _gc_paused():
+                parsed = _open_and_parse(path, options, True, guess, opened)
+                walked = normalize.walk(parsed.obj, options.strip_prefixes, path_hint=path,
+                                        max_nodes=max(1000, 20 * options.max_tensors))
             if len(walked.tensors) > options.max_tensors:
                 raise diagnose.too_large(path, f"{len(walked.tensors)} tensors",
                                          f"{options.max_tensors} (checkpoint.max_tensors)")
