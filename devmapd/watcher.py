@@ -192,10 +192,14 @@ class ModelWatcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the observer and the worker (idempotent). Queued announcements are kept."""
+        """Stop the worker, then the observer (idempotent). Queued announcements are kept."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        # Worker first: it may restart a dead observer, so it must be gone before we take it.
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
         obs, self._observer = self._observer, None
         if obs is not None:
             try:
@@ -203,9 +207,6 @@ class ModelWatcher:
                 obs.join(timeout=5)
             except Exception:  # stopping must never fail the daemon's shutdown
                 log.exception("stopping the %s observer failed", self.backend)
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=5)
 
     def rescan(self) -> None:
         """Ask for a full scan now (thread-safe, returns at once)."""
@@ -254,6 +255,24 @@ class ModelWatcher:
         self._observer = obs
         self.backend = "polling"
 
+    def _check_observer(self) -> None:
+        """Restart watchdog if it died (the model dir was removed and recreated, an emitter thread
+        failed): the scans keep us correct meanwhile, events keep us prompt."""
+        obs = self._observer
+        if obs is None or self._stopping:
+            return
+        if obs.is_alive() and all(e.is_alive() for e in list(obs.emitters)):
+            return
+        if not os.path.isdir(self._root):
+            return
+        log.warning("the %s observer of %s stopped; starting a new one", self.backend, self._root)
+        try:
+            obs.stop()
+        except Exception:
+            pass
+        self._observer = None
+        self._start_observer()
+
     # ------------------------------------------------------------------ worker
     def _next_due(self) -> float:
         return min(self._scan_at, self._wake_at, self._next_rescan)
@@ -262,8 +281,8 @@ class ModelWatcher:
         while True:
             with self._cond:
                 while not self._stopping and not self._inbox and not self._rescan_requested:
-                    with self._state_lock:
-                        delay = self._next_due() - time.monotonic()
+                    # Plain float reads: no need for _state_lock (and no lock-order question).
+                    delay = self._next_due() - time.monotonic()
                     if delay <= 0:
                         break
                     self._cond.wait(min(delay, 3600.0))
@@ -278,6 +297,7 @@ class ModelWatcher:
                         self._note(event, t)
                     now = time.monotonic()
                     if forced or now >= self._next_due():
+                        self._check_observer()
                         self._reconcile(now)
             except Exception:  # a bug here must not end watching: log it and retry soon
                 log.exception("watcher: reconcile failed; retrying in 1s")
@@ -448,6 +468,9 @@ class ModelWatcher:
                 del self._tracks[key]
         for d in [d for d, when in self._moved_dirs.items() if now - when > 2.0]:
             del self._moved_dirs[d]
+        if not os.path.isdir(self._root):
+            # The model dir itself is gone (unmounted, removed): look for its return every second.
+            wake = min(wake, now + 1.0)
         self._wake_at = wake
         self._scan_at = math.inf
         self._next_rescan = now + self.rescan_interval_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -235,6 +236,24 @@ async def test_periodic_rescan_finds_what_events_missed(model_dir: Path, start_w
     obs.join(5)
     write_aged(model_dir / "late.pt", ckpt_bytes())
     await ev.upsert("late", timeout=3)
+
+
+async def test_model_dir_removed_and_recreated_is_watched_again(model_dir: Path, start_watcher):
+    write_aged(model_dir / "a.pt", ckpt_bytes())
+    w, ev = await start_watcher(rescan_interval_s=600)
+    await ev.upsert("a")
+    shutil.rmtree(model_dir)
+    got = await ev.until(lambda g: len(g) >= 1, timeout=5)
+    assert [(e.kind, e.name) for e in got] == [("delete", "a")]
+    assert "." in w.problems
+    model_dir.mkdir()
+    (model_dir / "b.pt").write_bytes(ckpt_bytes())
+    await ev.upsert("b", timeout=5)
+    # and events flow again (a new observer), not only the scan
+    t = time.monotonic()
+    os.rename(write_aged(model_dir.parent / "c.pt", ckpt_bytes()), model_dir / "c.pt")
+    await ev.upsert("c", timeout=5)
+    assert ev.log[-1][0] - t < 1.0
 
 
 @BACKENDS
