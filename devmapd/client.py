@@ -298,7 +298,7 @@ class Client:
         """Iterate over the daemon's events (on a connection of their own).
 
         When the connection drops, yields ``{"type": "connection", "state": "lost", ...}``, then
-        (with ``reconnect``) retries with exponential backoff (0.1 s .. 5 s) and yields
+        (with ``reconnect``) retries with exponential backoff (0.1 s .. 2 s) and yields
         ``{"type": "connection", "state": "restored", ...}`` once subscribed again. Without
         ``reconnect`` the iterator ends after the "lost" marker. A refusal (permission denied)
         is raised, not retried. ``close()`` from another thread ends the iteration.
@@ -343,7 +343,7 @@ class Client:
                 if not reconnect:
                     return
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
             finally:
                 if sock is not None:
                     self._event_socks.discard(sock)

@@ -481,6 +481,7 @@ class _Conn:
                 try:
                     msg = await self._read_frame()
                 except ProtocolError as e:
+                    log.info("hanging up on pid %d uid %d: %s", self.peer.pid, self.peer.uid, e.message)
                     await self._last_word(P.error_reply(None, e.code, e.message))
                     return
                 if msg is None:
