@@ -113,6 +113,8 @@ def _configure_logging(level: str) -> None:
         configure_logging(level, running_under_systemd())
     except ImportError:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # watchdog's own debug chatter (every inotify event) drowns our decisions.
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def _client(args: argparse.Namespace):

@@ -212,10 +212,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ events out
     def _fan_out(self, event: dict[str, Any]) -> None:
-        level = logging.INFO if event.get("type") in ("decision", "removed") else logging.DEBUG
-        if event.get("type") == "log":
-            level = logging.ERROR if event.get("level") == "error" else logging.INFO
-        log.log(level, "%s", event.get("message", event.get("type")))
+        kind = event.get("type")
+        if kind != "devices":  # device updates come every poll; they are for dashboards, not logs
+            level = logging.INFO if kind in ("decision", "removed") else logging.DEBUG
+            if kind == "log":
+                level = logging.ERROR if event.get("level") == "error" else logging.INFO
+            log.log(level, "%s", event.get("message", kind))
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -277,7 +279,7 @@ class Daemon:
         }
 
     def model_detail(self, name: str) -> dict[str, Any]:
-        from .server import ApiError
+        from .protocol import ApiError
 
         rec = self.registry.get(name)
         if rec is None:
@@ -544,7 +546,7 @@ class Daemon:
     def _device_of(placement: planner.Placement):
         devices = dict(placement.devices)
         if placement.kind == "split" and placement.group_devices:
-            from .checkpoint import group_of
+            from .normalize import group_of
 
             groups = dict(placement.group_devices)
             fallback = next(iter(devices), "cpu")
@@ -645,7 +647,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ DaemonAPI: fetch
     async def fetch(self, name: str, peer: Any) -> Any:
-        from .server import ApiError, FetchGrant
+        from .protocol import ApiError, FetchGrant
 
         started = time.perf_counter()
         rec = self.registry.get(name)
@@ -684,7 +686,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ DaemonAPI: operator actions
     async def action(self, op: str, args: dict[str, Any], peer: Any) -> dict[str, Any]:
-        from .server import ApiError
+        from .protocol import ApiError
 
         name = args.get("name")
         if not isinstance(name, str):

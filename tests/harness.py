@@ -87,10 +87,14 @@ class DaemonHandle:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 last = self.status()
+            except Exception:  # not listening yet, or restarting: keep waiting until the deadline
+                time.sleep(0.1)
+                continue
+            try:
                 result = predicate(last)
                 if result:
                     return result
-            except (AssertionError, KeyError, TypeError):
+            except (AssertionError, KeyError, TypeError, StopIteration):
                 pass
             time.sleep(0.1)
         models = {m["name"]: (m["state"], m["placement"], m.get("error")) for m in last.get("models", [])}
