@@ -173,13 +173,18 @@ def stash(
     segments = list(manifest.get("segments", []))
     if len(fds) != len(segments):
         raise ValueError(f"{len(fds)} fds for {len(segments)} manifest segments of {name!r}")
+    for index, fd in enumerate(fds):
+        if fd is not None and not _is_sealed(fd):
+            raise ValueError(f"segment {index} of {name!r} is not a sealed memfd; only sealed arenas are stored")
+    # Clear these names first: an entry left by an earlier run under the same generation
+    # number would otherwise share the name with ours, and recover() drops ambiguous entries.
+    unstash(notifier, [fdname(name, generation, i) for i, fd in enumerate(fds) if fd is not None]
+            + [fdname(name, generation, META_PART)])
     stored: list[int] = []
     names: list[str] = []
     for index, fd in enumerate(fds):
         if fd is None:
             continue
-        if not _is_sealed(fd):
-            raise ValueError(f"segment {index} of {name!r} is not a sealed memfd; only sealed arenas are stored")
         part = fdname(name, generation, index)
         if not notifier.fdstore([fd], part):
             unstash(notifier, names)

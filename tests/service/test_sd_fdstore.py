@@ -47,9 +47,13 @@ def _stash(notifier: Notifier, fake, model_dir: Path, name: str, generation: int
         notifier, name, generation, loaded.manifest.to_json(), [s.fd for s in loaded.segments],
         names.fingerprint(source), extra={"bytes": loaded.inspection.bytes},
     )
-    for _ in stored:  # one datagram per FDNAME
+    # First a FDSTOREREMOVE per name (clears leftovers of an earlier run), then one FDSTORE each.
+    removes = [fake.recv() for _ in stored]
+    assert sorted(n.fields["FDNAME"] for n in removes if n.fields.get("FDSTOREREMOVE") == "1") == sorted(stored)
+    for value in stored:
         note = fake.recv()
-        assert note.fields["FDSTORE"] == "1" and note.pid == os.getpid() and len(note.fds) == 1
+        assert note.fields["FDSTORE"] == "1" and note.fields["FDNAME"] == value
+        assert note.pid == os.getpid() and len(note.fds) == 1
     # The first daemon goes away: from here on only systemd's duplicates keep the memory alive.
     for segment in loaded.segments:
         segment.close()
