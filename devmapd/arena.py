@@ -329,6 +329,12 @@ class SealedSegment:
             os.close(self.fd)
             self.fd = -1
 
+    def __enter__(self) -> "SealedSegment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"SealedSegment(name={self.name!r}, fd={self.fd}, nbytes={self.nbytes})"
 

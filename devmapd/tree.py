@@ -89,8 +89,12 @@ def _enc(obj: Any, ti: Callable[[torch.Tensor], int], depth: int, path: str) -> 
     d = depth + 1
     if t is dict or t is collections.OrderedDict or t is collections.Counter:
         tag = {dict: "dict", collections.OrderedDict: "odict", collections.Counter: "counter"}[t]
-        return {"@": tag, "items": [[_enc(k, ti, d, f"{path}.<key>"), _enc(v, ti, d, f"{path}.{k}" if type(k) in (str, int) else f"{path}.<key>")]
-                                    for k, v in obj.items()]}
+        items = []
+        for k, v in obj.items():
+            # only cheap, readable keys go into the error path (str() of a tensor key is not)
+            sub = f"{path}.{k}" if type(k) in (str, int) else f"{path}.<key>"
+            items.append([_enc(k, ti, d, f"{path}.<key>"), _enc(v, ti, d, sub)])
+        return {"@": tag, "items": items}
     if t is torch.Size:
         return {"@": "size", "v": [int(x) for x in obj]}
     if t is list or t is tuple:
