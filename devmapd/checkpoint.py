@@ -194,9 +194,6 @@ class _Storage:
 
 def _check_tensor(path: str, ref: normalize.TensorRef, rec: StorageRec) -> None:
     t = ref.tensor
-    if t.layout != torch.strided or t.is_quantized or t.is_nested:
-        raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is {t.layout} / quantized",
-                                   "convert it to dense tensors before serving it")
     if any(s < 0 for s in t.stride()) or t.storage_offset() < 0:
         raise diagnose.corrupt(path, f"tensor {ref.path!r} has a negative stride or offset")
     if t.numel():
@@ -210,7 +207,11 @@ def _storages(path: str, parsed: Parsed, walked: normalize.Walked) -> list[_Stor
     index = parsed.storage_index()
     by_rec: dict[int, _Storage] = {}
     for ti, ref in enumerate(walked.tensors):
-        if ref.tensor.device.type != "meta":
+        t = ref.tensor
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is sparse, quantized or "
+                                             "nested", "convert it to dense tensors before serving it")
+        if t.device.type != "meta":
             raise diagnose.unsupported(path, f"a checkpoint whose tensor {ref.path!r} is not backed by a saved storage",
                                        "re-save it with plain tensors (model.state_dict())")
         si = index.get(ref.tensor.untyped_storage()._cdata)
@@ -298,9 +299,12 @@ def _resolve_global(name: str) -> Any:
                          "fix its module.Qualname spelling or install the package that defines it."))
 
 
-def inspect(path: Path | str, *, allowed_globals: tuple[str, ...] = ()) -> Inspection:
-    """What ``path`` (a file or HF directory) holds, without reading tensor data. Never raises."""
-    path = os.fspath(path)
+def inspect(path: Any, *, allowed_globals: tuple[str, ...] = ()) -> Inspection:
+    """What ``path`` (a file, an HF directory or a ModelSource) holds, without reading tensor data.
+
+    Never raises for a bad file: the Inspection's ``diagnosis`` says what is wrong.
+    """
+    path = _source_path(path)
     guess = _Guess()
     opened: list[OpenedFile] = []
     opts = ReadOptions(allowed_globals=tuple(allowed_globals))

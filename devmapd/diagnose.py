@@ -10,6 +10,7 @@ import errno
 import os
 import pickle
 import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,9 +234,15 @@ def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None
                  detail).diagnosis
 
 
+_sniffing = threading.local()
+
+
 def _inspect_diagnosis(path) -> Diagnosis | None:
-    if path is None:
+    # inspect() itself turns unexpected errors into diagnoses through diagnose_exception: the
+    # thread-local flag stops that from recursing back into inspect().
+    if path is None or getattr(_sniffing, "active", False):
         return None
+    _sniffing.active = True
     try:
         if not os.path.exists(path):
             return None
@@ -243,3 +250,5 @@ def _inspect_diagnosis(path) -> Diagnosis | None:
         return inspect(path).diagnosis
     except Exception:
         return None
+    finally:
+        _sniffing.active = False

@@ -44,6 +44,8 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     prefix = pkls[0][: -len("data.pkl")]
     members = {}
     for info in infos:
+        if info.filename in members:   # readers disagree on which duplicate wins: refuse
+            raise diagnose.corrupt(path, f"duplicate zip member {info.filename}")
         if info.flag_bits & 0x1:
             raise diagnose.corrupt(path, f"encrypted zip member {info.filename}")
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:

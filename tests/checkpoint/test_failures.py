@@ -294,3 +294,11 @@ def test_diagnose_plain_torch_load_errors(sample_paths, tmp_path):
         load_file(str(bad))
     assert diagnose_exception(ei.value, bad).code == "corrupt"
     assert diagnose_exception(MemoryError(), "m.pt").code == "out_of_memory"
+
+
+def test_sparse_and_quantized_tensors_are_refused_plainly(tmp_path):
+    p = tmp_path / "sparse.pt"
+    torch.save({"s": torch.eye(3).to_sparse()}, p)
+    d = inspect(p).diagnosis
+    assert d is not None and d.code == "unsupported_format" and "sparse" in d.message
+    assert read_error(p).code == "unsupported_format"

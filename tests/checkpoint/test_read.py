@@ -139,19 +139,27 @@ def test_device_of_sees_stripped_paths_and_nested_containers(sample_paths, helpe
     assert seen and not any(p.startswith("module.") for p in seen)
 
 
-def test_hf_shards_read_in_parallel(sample_paths, helpers):
-    threads: set[str] = set()
+def test_hf_shards_read_in_parallel(sample_paths, helpers, monkeypatch):
+    """Two shard copies must be in flight at once: each waits at a barrier for another thread."""
+    barrier = threading.Barrier(2, timeout=20)
+    entered: set[str] = set()
+    real = arena.ArenaBuilder.copy_from_file
+
+    def meet_then_copy(self, *args):
+        name = threading.current_thread().name
+        if name not in entered and len(entered) < 2:
+            entered.add(name)
+            barrier.wait()          # serial reading would never release this (BrokenBarrierError)
+        return real(self, *args)
+
+    monkeypatch.setattr(arena.ArenaBuilder, "copy_from_file", meet_then_copy)
     calls: list[tuple[int, int]] = []
-
-    def progress(done: int, total: int) -> None:
-        threads.add(threading.current_thread().name)
-        calls.append((done, total))
-
-    lm = read(sample_paths["hf_safetensors"], ReadOptions(threads=3), progress=progress)
+    lm = read(sample_paths["hf_safetensors"], ReadOptions(threads=3),
+              progress=lambda done, total: calls.append((done, total)))
     try:
         helpers.same(fetch(lm), helpers.reference(sample_paths["hf_safetensors"]))
         assert len(lm.inspection.files) == 3
-        assert len(threads) >= 2 and all(t.startswith("devmapd-copy") for t in threads), threads
+        assert len(entered) == 2 and all(t.startswith("devmapd-copy") for t in entered), entered
         assert calls[-1][0] == calls[-1][1] == lm.inspection.bytes
         assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     finally:
