@@ -112,17 +112,26 @@ class DevmapdApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        header = self.query_one(HeaderBar)
+        # Kept as attributes: while a dialog is open, query_one() searches the dialog's screen.
+        self._table = self.query_one(ModelTable)
+        self._header = self.query_one(HeaderBar)
+        self._devices_panel = self.query_one(DevicePanel)
+        self._event_log = self.query_one(EventLog)
+        self._detail = self.query_one(DetailPane)
+        self._main = self.query_one("#main", Vertical)
+        self._banner = self.query_one("#banner", Static)
+        self._filter_box = self.query_one("#filter", Input)
+        header = self._header
         header.socket = socket_label(self.socket)
         header.update_from()
-        self.query_one("#devices").border_title = "Devices"
+        self._devices_panel.border_title = "Devices"
         self.query_one("#detail-box").border_title = "Selected model"
-        self.query_one("#log").border_title = "Decisions & events"
+        self._event_log.border_title = "Decisions & events"
         self._title_models()
-        self.query_one(DevicePanel).update_from()
+        self._devices_panel.update_from()
         self._show_detail()
         self._set_banner(f"connecting to {header.socket} …", "connecting")
-        self.query_one(ModelTable).focus()
+        self._table.focus()
         self.pump = EventPump(self.factory, self.post_message)
         self.pump.start()
         self.set_interval(self.refresh_s, self._safety_refresh)
@@ -140,14 +149,14 @@ class DevmapdApp(App[int]):
         self.hello = message.hello or {}
         self.operator = bool(self.hello.get("operator"))
         self._set_banner(None)
-        self.query_one("#main").remove_class("stale")
+        self._main.remove_class("stale")
         changed, removed = self.state.apply_status(message.status)
         self._redraw_all(changed, removed)
-        header = self.query_one(HeaderBar)
+        header = self._header
         header.hello = self.hello
         header.mode = "operator" if self.operator else "read-only: not an operator"
         header.update_from()
-        log = self.query_one(EventLog)
+        log = self._event_log
         now = self.clock()
         version = self.state.daemon.get("version") or self.hello.get("version") or "?"
         if message.reconnected or self.outage_logged:
@@ -159,27 +168,27 @@ class DevmapdApp(App[int]):
             if not self.operator:
                 log.add(now, "info", self._read_only_reason())
             if self.demo is not None:
-                log.add(now, "info", "demo: press x to squeeze cuda:0 and watch devmapd demote a model; "
-                                     "x again clears it")
+                log.add(now, "info", "demo: press x to start a simulated training job on the GPU "
+                                     "devmapd uses most and watch it demote models; x again ends it")
         self.outage_logged = False
         self.refresh_bindings()
 
     def on_unreachable(self, message: Unreachable) -> None:
         self.connected = False
         self.last_error = message.error
-        sock = self.query_one(HeaderBar).socket
+        sock = self._header.socket
         self._set_banner(f"⚠ daemon unreachable at {sock}: {message.error} — retrying "
                          f"(attempt {message.attempt}, next in {message.retry_in:g}s); "
                          f"the data below is stale", "down")
-        self.query_one("#main").add_class("stale")
+        self._main.add_class("stale")
         if not self.outage_logged:
-            self.query_one(EventLog).add(self.clock(), "error",
+            self._event_log.add(self.clock(), "error",
                                          f"lost the daemon ({message.error}); retrying")
             self.outage_logged = True
         self.refresh_bindings()
 
     def _set_banner(self, text: str | None, kind: str = "down") -> None:
-        banner = self.query_one("#banner", Static)
+        banner = self._banner
         banner.set_class(text is not None, "visible")
         banner.set_class(kind == "connecting", "connecting")
         banner.update(text or "")
@@ -190,7 +199,7 @@ class DevmapdApp(App[int]):
         event = message.event
         kind = event.get("type")
         ts = event.get("ts") or self.clock()
-        log = self.query_one(EventLog)
+        log = self._event_log
         if kind == "model":
             record = event.get("model") or {}
             name = record.get("name")
@@ -209,8 +218,8 @@ class DevmapdApp(App[int]):
         elif kind == "devices":
             # Sent at every inventory poll; redraw only when something visible changed.
             if self.state.apply_devices(event.get("devices") or []):
-                self.query_one(DevicePanel).update_from()
-                self.query_one(HeaderBar).update_from()
+                self._devices_panel.update_from()
+                self._header.update_from()
         elif kind == "decision":
             action = event.get("action") or "decision"
             text = event.get("message") or self._decision_text(event)
@@ -235,7 +244,7 @@ class DevmapdApp(App[int]):
     def _flush(self) -> None:
         self._flush_scheduled = False
         names, self._pending = self._pending, set()
-        table = self.query_one(ModelTable)
+        table = self._table
         table.sync(names, self.clock())
         self._title_models()
         if self._detail_for in names or table.selected_name != self._detail_for:
@@ -246,10 +255,10 @@ class DevmapdApp(App[int]):
         self._redraw_all(changed, removed)
 
     def _redraw_all(self, changed: set[str], removed: set[str]) -> None:
-        table = self.query_one(ModelTable)
+        table = self._table
         table.sync(changed | removed, self.clock())
-        self.query_one(DevicePanel).update_from()
-        self.query_one(HeaderBar).update_from()
+        self._devices_panel.update_from()
+        self._header.update_from()
         self._title_models()
         self._show_detail()
 
@@ -266,13 +275,13 @@ class DevmapdApp(App[int]):
         self.post_message(StatusRefreshed(status))
 
     def _tick(self) -> None:
-        self.query_one(HeaderBar).update_from()
-        self.query_one(ModelTable).refresh_ages(self.clock())
+        self._header.update_from()
+        self._table.refresh_ages(self.clock())
 
     # -- selection and detail -----------------------------------------------------------------
 
     def _title_models(self) -> None:
-        table = self.query_one(ModelTable)
+        table = self._table
         spec = table.sort_spec
         label = dict(COLUMNS)[spec.column].lower()
         title = f"Models ({table.row_count} of {len(self.state.models)}) · sorted by {label} " \
@@ -282,7 +291,8 @@ class DevmapdApp(App[int]):
         table.border_title = title
 
     def _selected_record(self) -> dict[str, Any] | None:
-        name = self.query_one(ModelTable).selected_name
+        table = getattr(self, "_table", None)   # check_action can run before on_mount
+        name = table.selected_name if table is not None else None
         return self.state.models.get(name) if name else None
 
     def _read_only_reason(self) -> str:
@@ -303,7 +313,7 @@ class DevmapdApp(App[int]):
         name = record.get("name") if record else None
         self._detail_for = name
         detail = self._details.get(name) if name else None
-        self.query_one(DetailPane).update(
+        self._detail.update(
             detail_renderable(record, detail, self.clock(), self._actions_note()))
         if name and detail is None and self.connected:
             self._fetch_detail(name)
@@ -329,7 +339,7 @@ class DevmapdApp(App[int]):
 
     @on(DataTable.HeaderSelected, "#models")
     def _header_selected(self, event: DataTable.HeaderSelected) -> None:
-        table = self.query_one(ModelTable)
+        table = self._table
         table.set_sort(str(event.column_key.value))
         self._title_models()
 
@@ -349,26 +359,26 @@ class DevmapdApp(App[int]):
         self.push_screen(HelpScreen())
 
     def action_cycle_sort(self) -> None:
-        table = self.query_one(ModelTable)
+        table = self._table
         index = SORT_COLUMNS.index(table.sort_spec.column) if table.sort_spec.column in SORT_COLUMNS else -1
         table.set_sort(SORT_COLUMNS[(index + 1) % len(SORT_COLUMNS)], reverse=False)
         self._title_models()
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self._filter_box
         box.add_class("visible")
         box.focus()
 
     def action_clear_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self._filter_box
         if box.value:
             box.value = ""
         box.remove_class("visible")
-        self.query_one(ModelTable).focus()
+        self._table.focus()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        table = self.query_one(ModelTable)
+        table = self._table
         table.filter_text = event.value.strip()
         table.rebuild(self.clock())
         self._title_models()
@@ -378,7 +388,7 @@ class DevmapdApp(App[int]):
     def _filter_submitted(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.remove_class("visible")
-        self.query_one(ModelTable).focus()
+        self._table.focus()
 
     def action_refresh(self) -> None:
         self._fetch_status()
@@ -390,7 +400,7 @@ class DevmapdApp(App[int]):
             text = self.demo.set_pressure(not self.demo.pressure)
         except Exception as exc:
             text = f"could not change simulated pressure: {error_text(exc)}"
-        self.query_one(EventLog).add(self.clock(), "info", text)
+        self._event_log.add(self.clock(), "info", text)
 
     def action_remap(self) -> None:
         record = self._selected_record()
@@ -458,7 +468,7 @@ class DevmapdApp(App[int]):
 
     def _op_done(self, op: str, name: str, args: tuple[str, ...], result: Any,
                  failure: str | None, error: str | None) -> None:
-        log = self.query_one(EventLog)
+        log = self._event_log
         target = f" → {args[0]}" if args else ""
         if failure:
             log.add(self.clock(), failure, f"{op} {name}{target}: {error}")

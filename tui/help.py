@@ -20,7 +20,7 @@ KEYS = (
     ("/", "filter models by name, state, dtype or device; Esc clears"),
     ("s", "sort by the next column; again on a header reverses"),
     ("ctrl+r", "refresh the full status now"),
-    ("x", "demo only: raise / clear simulated GPU pressure on cuda:0"),
+    ("x", "demo only: start / end a simulated training job that fills a GPU"),
     ("?", "this help"),
     ("q", "quit (the daemon keeps running)"),
 )

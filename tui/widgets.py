@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Callable
 
 from rich.console import Group, RenderableType
@@ -139,7 +140,7 @@ class DevicePanel(Static):
         table = Table(box=None, expand=False, pad_edge=False, padding=(0, 1, 0, 0),
                       header_style="bold grey70", show_edge=False)
         table.add_column("Device", no_wrap=True)
-        table.add_column("Name", no_wrap=True, max_width=22, overflow="ellipsis")
+        table.add_column("Name", no_wrap=True, max_width=19, overflow="ellipsis")
         table.add_column("UUID", no_wrap=True, style="grey62")
         table.add_column("Memory", no_wrap=True, width=BAR_WIDTH)
         table.add_column("Models", justify="right", no_wrap=True)
@@ -147,7 +148,7 @@ class DevicePanel(Static):
         table.add_column("Free", justify="right", no_wrap=True)
         table.add_column("Total", justify="right", no_wrap=True)
         table.add_column("Util", justify="right", no_wrap=True)
-        table.add_column("Free history", no_wrap=True, style="blue")
+        table.add_column("History", no_wrap=True, style="blue")
         table.add_column("", no_wrap=True)
         for dev in self.state.devices:
             split = memory_split(dev)
@@ -270,7 +271,7 @@ class ModelTable(DataTable):
                 continue
             for key, _ in COLUMNS:
                 if not _same(old[key], cells[key]):
-                    self.update_cell(name, key, cells[key])
+                    self.update_cell(name, key, cells[key], update_width=True)
                     if key == self.sort_spec.column:
                         resort = True
             self._cells[name] = cells
@@ -337,29 +338,26 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
                       actions_note: str | None = None) -> RenderableType:
     if record is None:
         return Text("Select a model to see where it sits, why, and what is in it.", style="grey50")
-    out = Text()
+    title = Text()
     state = record.get("state", "?")
-    out.append(record.get("name", "?"), style="bold")
-    out.append("  ")
-    out.append(state, style=STATE_STYLE.get(state, ""))
+    title.append(record.get("name", "?"), style="bold")
+    title.append("  ")
+    title.append(state, style=STATE_STYLE.get(state, ""))
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="grey62", no_wrap=True, width=9)
+    grid.add_column(ratio=1)
+
+    def row(label: str, value: str | Text, style: str = "") -> None:
+        grid.add_row(label, value if isinstance(value, Text) else Text(value, style=style))
+
     if record.get("reason"):
-        out.append(f" — {record['reason']}", style="grey70")
-    out.append("\n")
-
-    def row(label: str, value: str, style: str = "") -> None:
-        out.append(f"{label:<10}", style="grey62")
-        out.append(value + "\n", style=style)
-
-    if record.get("path"):
-        row("path", str(record["path"]))
+        row("why", str(record["reason"]), "grey85")
     diag = record.get("diagnosis") or (detail or {}).get("diagnosis")
-    if state == "failed" or diag:
-        if diag:
-            out.append("diagnosis ", style="bold red")
-            out.append(f"[{diag.get('code', '?')}] ", style="red")
-            out.append((diag.get("message") or "") + "\n", style="red")
-        elif record.get("error"):
-            row("error", str(record["error"]), "red")
+    if diag:
+        row(Text("diagnosis", style="bold red"),  # type: ignore[arg-type]
+            Text.assemble((f"[{diag.get('code', '?')}] ", "bold red"), (diag.get("message") or "", "red")))
+    elif state == "failed" and record.get("error"):
+        row("error", str(record["error"]), "red")
     items = placement_items(record.get("placement"))
     if items:
         row("placement", ", ".join(f"{dev} {human_bytes(b)}" for dev, b in items))
@@ -369,6 +367,9 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
     size = insp.get("bytes", record.get("bytes"))
     summary = [s for s in (fmt, f"{tensors} tensors" if tensors is not None else None,
                            human_bytes(size) if size is not None else None) if s]
+    files = insp.get("files") or ()
+    if len(files) > 1:
+        summary.append(f"{len(files)} files")
     if summary:
         row("contents", " · ".join(summary))
     dtypes = insp.get("dtypes") or record.get("dtypes") or {}
@@ -380,22 +381,21 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
         row("saved on", ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(locations.items())))
     prefixes = insp.get("prefixes") or record.get("prefixes") or ()
     if prefixes:
-        row("prefixes", ", ".join(prefixes) + " (stripped)")
+        row("prefixes", ", ".join(prefixes) + " (stripped on load)")
     if insp.get("groups"):
-        groups = insp["groups"]
-        row("groups", f"{len(groups)} module groups; largest tensor "
+        row("groups", f"{len(insp['groups'])} module groups; largest tensor "
                       f"{human_bytes(insp.get('largest_tensor'))}")
-    files = insp.get("files") or ()
-    if len(files) > 1:
-        row("files", f"{len(files)} shards")
     pin = record.get("pin")
     row("usage", f"{record.get('clients') or 0} clients · {record.get('fetches') or 0} fetches · "
                  f"last fetch {human_age(record.get('last_fetch'), now)}")
     row("load", f"{load_time_text(record.get('load_time_s'))} · pinned: "
                 + (f"yes, to {pin}" if pin else ("yes" if record.get("pinned") else "no")))
+    if record.get("path"):
+        row("path", str(record["path"]), "grey62")
+    parts: list[RenderableType] = [title, grid]
     if actions_note:
-        out.append(actions_note, style="yellow")
-    return out
+        parts.append(Text(actions_note, style="yellow"))
+    return Group(*parts)
 
 
 class DetailPane(Static):
@@ -406,13 +406,20 @@ class EventLog(RichLog):
     """The daemon's decisions, newest at the bottom, capped so a long day stays cheap."""
 
     def __init__(self, fmt_time: Callable[[float], str], **kwargs: Any) -> None:
+        # min_width: RichLog renders at >= 78 columns by default and crops the rest in a
+        # narrower pane; wrap at the pane's real width instead.
         super().__init__(max_lines=1000, wrap=True, markup=False, highlight=False,
-                         auto_scroll=True, **kwargs)
+                         auto_scroll=True, min_width=20, **kwargs)
         self.fmt_time = fmt_time
+        self.plain_lines: deque[str] = deque(maxlen=1000)   # the same lines as text (tests, copy)
 
     def add(self, ts: float, action: str, message: str) -> None:
         line = Text()
         line.append(self.fmt_time(ts) + " ", style="grey50")
         line.append(f"{action:<9}", style=ACTION_STYLE.get(action, "white"))
         line.append(" " + message)
+        self.plain_lines.append(line.plain)
         self.write(line)
+
+    def text(self) -> str:
+        return "\n".join(self.plain_lines)
