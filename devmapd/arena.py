@@ -15,6 +15,7 @@ that share a storage in the file (tied weights, views) share it in the arena and
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import os
@@ -46,6 +47,7 @@ F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x0004)
 F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
 ALL_SEALS = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 
 # Fallback copy chunk when sendfile cannot be used (a bounded buffer, not a full copy).
 _COPY_CHUNK = 8 << 20
@@ -205,6 +207,21 @@ def _as_bytes_view(data: Any) -> memoryview:
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
+def _memfd(name: str) -> int:
+    # The name is only a label (visible in /proc/PID/maps and fd links), capped at 249 bytes.
+    label = ("devmapd:" + name).encode("utf-8", "replace")[:240].decode("utf-8", "ignore")
+    label = label.replace("\0", "?")
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        # MFD_NOEXEC_SEAL (Linux 6.3+): never executable, and required where the
+        # vm.memfd_noexec sysctl is 2. Older kernels reject the flag: retry without it.
+        return os.memfd_create(label, flags | MFD_NOEXEC_SEAL)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return os.memfd_create(label, flags)
+
+
 class ArenaBuilder:
     """A writable memfd being filled by the daemon; ``seal`` turns it into a SealedSegment."""
 
@@ -213,8 +230,7 @@ class ArenaBuilder:
             raise ArenaError(f"arena size must be >= 0, got {nbytes}")
         self.name = name
         self.nbytes = nbytes
-        self.fd: int = os.memfd_create(f"devmapd:{name}"[:249],
-                                       os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd: int = _memfd(name)
         try:
             os.ftruncate(self.fd, nbytes)
         except OSError as e:
@@ -382,7 +398,11 @@ def _map_segment(fd: int, nbytes: int) -> torch.UntypedStorage:
     # when the last tensor viewing it dies, so nothing can close it under live tensors (a bare
     # mmap + torch.frombuffer could). torch's own shared-memory path cannot open a sealed memfd.
     # /proc/self/fd/N reopens the memfd itself, not a path anyone could swap.
-    return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=nbytes)
+    try:
+        return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=nbytes)
+    except RuntimeError as e:
+        raise ArenaError(f"cannot map memfd {fd} ({e}); /proc must be mounted in this process "
+                         "for devmapd to map its arenas") from None
 
 
 def _bad_entry(i: int, e: TensorEntry, seg_nbytes: int, itemsize: int) -> ArenaError:
