@@ -55,9 +55,9 @@ def test_timed_caller_result_exception_timeout_busy_recover() -> None:
     t0 = time.monotonic()
     with pytest.raises(CallerBusy):
         c.call(lambda: 1, timeout=5)
-    assert time.monotonic() - t0 < 0.1  # no second wait behind the hung call
+    assert time.monotonic() - t0 < 1.0  # no second wait behind the hung call (5 s if it queued)
     gate.set()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5
     while c.busy and time.monotonic() < deadline:
         time.sleep(0.01)
     assert c.call(lambda: "back", timeout=1) == "back"

@@ -183,7 +183,7 @@ def test_other_essential_failure_marks_device_unusable() -> None:
 def test_hung_call_times_out_degrades_and_is_not_waited_on_again() -> None:
     gpus = two_gpus()
     fake = FakeNvml(gpus)
-    b = backend(fake, call_timeout_s=0.3)
+    b = backend(fake, call_timeout_s=1.0)
     good = b.snapshot()
     hang = threading.Event()
     gpus[1].fail = {"memory": hang}  # B (cuda:0) hangs in nvmlDeviceGetMemoryInfo
@@ -191,18 +191,18 @@ def test_hung_call_times_out_degrades_and_is_not_waited_on_again() -> None:
         t0 = time.monotonic()
         snap = b.snapshot()
         first = time.monotonic() - t0
-        assert 0.25 <= first < 2.0
+        assert 0.9 <= first < 5.0
         assert "degraded" in snap.warning
         stale = next(d for d in snap.gpus if d.uuid == B)
         assert stale.error and "not answering" in stale.error and stale.free == good.gpus[0].free
         t0 = time.monotonic()
         again = b.snapshot()
-        assert time.monotonic() - t0 < 0.2  # the hung call is not waited on again
+        assert time.monotonic() - t0 < 0.5  # the hung call is not waited on again (>= 1.0 if it were)
         assert "degraded" in again.warning and all(d.error for d in again.gpus)
     finally:
         hang.set()
     gpus[1].fail = {}
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         snap = b.snapshot()
         if snap.warning is None:

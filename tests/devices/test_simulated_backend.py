@@ -30,7 +30,7 @@ def gpu(i: int, total: int = 8192, others: int = 0, **extra) -> dict:
 def sim(tmp_path: Path):
     path = tmp_path / "gpus.json"
     write(path, [gpu(0, 16384, 1024), gpu(1, 8192)])
-    b = SimulatedBackend(path, call_timeout_s=0.2)
+    b = SimulatedBackend(path, call_timeout_s=1.0)
     yield path, b
     b.close()
 
@@ -120,7 +120,7 @@ def test_hang_times_out_once_then_is_not_waited_on_until_removed(sim) -> None:
     write(path, [gpu(0, 16384, 9999, error="hang"), gpu(1, 8192, 100)])
     t0 = time.monotonic()
     snap = b.snapshot()
-    assert 0.15 <= time.monotonic() - t0 < 2.0
+    assert 0.9 <= time.monotonic() - t0 < 5.0
     hung, ok = snap.gpus
     assert "degraded" in snap.warning and "cuda:0" in snap.warning
     assert hung.error and "timed out" in hung.error and not hung.lost
@@ -128,7 +128,7 @@ def test_hang_times_out_once_then_is_not_waited_on_until_removed(sim) -> None:
     assert ok.error is None and ok.free == 8092 * MIB  # the other GPU is fresh
     t0 = time.monotonic()
     snap = b.snapshot()
-    assert time.monotonic() - t0 < 0.15
+    assert time.monotonic() - t0 < 0.5  # would be >= 1.0 if it waited again
     assert snap.gpus[0].error and "degraded" in snap.warning
     write(path, [gpu(0, 16384, 2048), gpu(1, 8192)])
     snap = b.snapshot()
