@@ -164,7 +164,8 @@ class GpuSegment:
             src_st = torch.UntypedStorage.from_file(f"/proc/self/fd/{sealed.fd}", shared=False,
                                                     nbytes=n)
             src = torch.empty(0, dtype=torch.uint8).set_(src_st)
-            _copy_to_device(buf, src)
+            with torch.cuda.device(dev):   # streams and events below belong to this GPU
+                _copy_to_device(buf, src)
             del src, src_st
         return cls(buf, device_index, sealed.name)
 

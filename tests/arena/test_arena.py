@@ -229,8 +229,12 @@ def test_sealed_memfd_refuses_every_kind_of_write():
             os.ftruncate(seg.fd, 100)                 # shrink
         with pytest.raises(PermissionError):
             os.ftruncate(seg.fd, 1 << 20)             # grow
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError) as e:
             mmap.mmap(seg.fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        assert e.value.errno == errno.EPERM
+        with pytest.raises(PermissionError) as e:
+            os.write(seg.fd, b"x")
+        assert e.value.errno == errno.EPERM
         # a fresh open file description (what a client could get via /proc) is sealed too
         rw = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR)
         try:
