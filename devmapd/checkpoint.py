@@ -152,7 +152,8 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
         guess.format = "hf-dir"
         names = hfdir.weight_files(real, opts.max_header_bytes)
         for name in names:
-            opened.append(open_file(os.path.realpath(name)))
+            shown = os.path.join(path, os.path.basename(name))
+            opened.append(open_file(os.path.realpath(name), shown))
 
         def one(i: int) -> Parsed:
             return _parse_file(opened[i], opts, locate, _Guess())
@@ -163,7 +164,7 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
         else:
             parts = [one(i) for i in range(len(opened))]
         return _merge_shards(path, parts, opened)
-    opened.append(open_file(real))
+    opened.append(open_file(real, path))
     return _parse_file(opened[0], opts, locate, guess)
 
 

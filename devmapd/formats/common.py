@@ -99,23 +99,28 @@ class _PreadRaw(io.RawIOBase):
         super().close()
 
 
-def open_file(path: str) -> OpenedFile:
-    """Open ``path`` once for reading (O_NOFOLLOW), refusing anything but a regular file."""
+def open_file(path: str, display: str | None = None) -> OpenedFile:
+    """Open ``path`` once for reading (O_NOFOLLOW), refusing anything but a regular file.
+
+    ``display`` is the name users know the file by (messages, Inspection.files) when ``path`` is
+    its resolved location (e.g. a Hugging Face cache blob behind a snapshot symlink).
+    """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK   # NONBLOCK: a FIFO must not hang us
+    path_shown = display or path
     try:
         fd = os.open(path, flags)
     except OSError as e:
-        raise diagnose.CheckpointError(diagnose.diagnose_exception(e, path)) from None
+        raise diagnose.CheckpointError(diagnose.diagnose_exception(e, path_shown)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (FIFO, socket or device)"
-            raise diagnose.not_a_checkpoint(path, kind)
+            raise diagnose.not_a_checkpoint(path_shown, kind)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    return OpenedFile(path, fd, st)
+    return OpenedFile(path_shown, fd, st)
 
 
 def meta_storage(nbytes: int, dtype: torch.dtype) -> torch.storage.TypedStorage:

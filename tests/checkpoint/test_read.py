@@ -211,3 +211,23 @@ def test_empty_and_scalar_tensors(tmp_path, helpers):
         helpers.same(fetch(lm), torch.load(p, weights_only=True))
     finally:
         lm.close()
+
+
+def test_hf_cache_layout_with_symlinked_blobs(sample_paths, tmp_path, helpers):
+    """huggingface_hub snapshots are symlinks into ../../blobs: resolved once, opened O_NOFOLLOW."""
+    blobs = tmp_path / "blobs"
+    snap = tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    src = sample_paths["safetensors"]
+    (blobs / "f00d").write_bytes(src.read_bytes())
+    (snap / "model.safetensors").symlink_to(os.path.relpath(blobs / "f00d", snap))
+    (snap / "config.json").write_text("{}")
+    insp = checkpoint.inspect(snap)
+    assert insp.diagnosis is None and insp.format == "hf-dir"
+    assert insp.files == (str(snap / "model.safetensors"),)
+    lm = read(snap)
+    try:
+        helpers.same(fetch(lm), helpers.reference(src))
+    finally:
+        lm.close()
