@@ -206,9 +206,8 @@ def _hf_pending(abs_dir: str, listing: _Listing) -> str | None:
     """Why a Hugging Face dir is not complete yet, or None. Complete when ANY index (a repo may
     ship both a .bin and a .safetensors index) has all its shards, or when there is no index."""
     reasons = []
-    temps = [t for t in listing.temps]
-    if temps:
-        reasons.append("temporary files present: " + ", ".join(sorted(temps)[:5]))
+    if listing.temps:
+        reasons.append("temporary files present: " + ", ".join(sorted(listing.temps)[:5]))
     indexes = sorted(m for m in listing.markers if m.endswith(_INDEX_SUFFIX))
     if indexes:
         present = set(listing.all_weight_files())

@@ -283,13 +283,18 @@ async def test_fifo_and_escaping_symlink_refused_without_blocking(model_dir: Pat
 
 async def test_watcher_never_writes_in_the_model_dir(model_dir: Path, start_watcher):
     write_aged(model_dir / "a.pt", ckpt_bytes())
-    before = {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")}
+    (model_dir / "sub").mkdir()
+
+    def state():   # every entry, the dir itself included: names, sizes, mtimes, ctimes
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ctime_ns)
+                for p in [model_dir, *model_dir.rglob("*")]}
+
+    before = state()
     w, ev = await start_watcher()
     await ev.upsert("a")
     w.rescan()
     await ev.during(2 * SETTLE_S)
-    assert {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")} == before
-    assert model_dir.stat().st_mtime_ns == model_dir.stat().st_mtime_ns
+    assert state() == before
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path: Path):
