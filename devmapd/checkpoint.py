@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class LoadedModel:
     segments: list                    # arena.SealedSegment, same order as manifest.segments
     inspection: Inspection
     load_time_s: float
-    fingerprint: tuple                # ((path, size, mtime_ns, ino), ...) of the files as read
+    fingerprint: tuple                # ((name, size, mtime_ns, ino), ...) as names.fingerprint, as read
 
     def close(self) -> None:
         for s in self.segments:
@@ -459,8 +460,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
                 segments=tuple(arena.SegmentInfo(kind="memfd", device=d, nbytes=sizes[i])
                                for i, d in enumerate(devices)),
                 tree=encoded)
-            fingerprint = tuple(sorted((f.path, f.before.st_size, f.before.st_mtime_ns, f.before.st_ino)
-                                       for f in parsed.files))
+            fingerprint = _fingerprint(path, parsed)
             return LoadedModel(manifest, sealed, inspection, time.monotonic() - t0, fingerprint)
     except BaseException as e:
         for b in builders:
@@ -481,6 +481,35 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     finally:
         for f in opened:
             f.close()
+
+
+def _fingerprint(path: str, parsed: Parsed) -> tuple:
+    """``((name, size, mtime_ns, ino), ...)`` sorted, in names.fingerprint's format, so the daemon can
+    compare it with the watcher's. The weight files' entries are the fstat taken when we opened
+    them (the version we actually read); an HF directory's other top-level files (config.json,
+    tokenizer...) are stat'ed like names.fingerprint does."""
+    mine = {os.path.basename(f.path): (os.path.basename(f.path), f.before.st_size, f.before.st_mtime_ns,
+                                       f.before.st_ino) for f in parsed.files}
+    if parsed.format == "hf-dir":
+        try:
+            from .names import is_temporary
+        except ImportError:   # names.py is optional for the engine; hidden files are the main case
+            def is_temporary(name: str) -> bool:
+                return name.startswith(".")
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    if entry.name in mine or is_temporary(entry.name):
+                        continue
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        mine[entry.name] = (entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            pass
+    return tuple(sorted(mine.values()))
 
 
 def _copy_all(parsed: Parsed, placed: list[_Placed], builders: list[Any], options: ReadOptions,

@@ -231,3 +231,15 @@ def test_hf_cache_layout_with_symlinked_blobs(sample_paths, tmp_path, helpers):
         helpers.same(fetch(lm), helpers.reference(src))
     finally:
         lm.close()
+
+
+def test_fingerprint_matches_names_fingerprint(sample_paths):
+    """The daemon compares read()'s fingerprint with the watcher's (names.fingerprint)."""
+    names = pytest.importorskip("devmapd.names")
+    for kind in ("plain", "hf_safetensors"):
+        path = sample_paths[kind]
+        src = names.ModelSource(name=path.stem, path=path, kind="hf-dir" if path.is_dir() else "file",
+                                files=tuple(sorted(path.iterdir())) if path.is_dir() else (path,))
+        lm = read(src)
+        lm.close()
+        assert lm.fingerprint == names.fingerprint(src), kind
