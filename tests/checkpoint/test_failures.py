@@ -302,3 +302,18 @@ def test_sparse_and_quantized_tensors_are_refused_plainly(tmp_path):
     d = inspect(p).diagnosis
     assert d is not None and d.code == "unsupported_format" and "sparse" in d.message
     assert read_error(p).code == "unsupported_format"
+
+
+@pytest.mark.parametrize("how", ["protocol4", "legacy"])
+def test_malicious_pickle_variants(tmp_path, how):
+    marker = tmp_path / "PWNED"
+    payload = {"weight": torch.ones(4), "payload": samples._RunsCode(str(marker))}
+    p = tmp_path / f"evil-{how}.pt"
+    if how == "protocol4":
+        torch.save(payload, p, pickle_protocol=4)          # STACK_GLOBAL instead of GLOBAL
+    else:
+        torch.save(payload, p, _use_new_zipfile_serialization=False)
+    d = read_error(p)
+    assert d.code == "unsafe_pickle" and "posix.system" in d.message, d
+    assert inspect(p).diagnosis.code == "unsafe_pickle"
+    assert not marker.exists()
