@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, checkpoint, planner, pressure, statefile
+from . import __version__, checkpoint, fdstore, handoff, names, planner, pressure, statefile
 from .config import Config, ConfigError
 from .config import load as load_config
 from .devices import Snapshot, open_backend
@@ -47,7 +47,11 @@ class Daemon:
     """One running devmapd. ``await Daemon(cfg).run()`` serves until a signal stops it."""
 
     def __init__(self, cfg: Config, *, config_path: str | None = None,
-                 overrides: Callable[[Config], Config] | None = None) -> None:
+                 overrides: Callable[[Config], Config] | None = None,
+                 listened: dict[str, list[int]] | None = None) -> None:
+        # fds systemd passed (socket activation, fd store), collected before any event loop
+        # existed so that no fd of ours can be mistaken for one of them.
+        self.listened = listened or {}
         self.overrides = overrides or (lambda c: c)  # command-line flags, re-applied on every reload
         self.cfg = self.overrides(cfg)
         cfg = self.cfg
@@ -113,9 +117,27 @@ class Daemon:
         self.operator_state = statefile.load(self.cfg.state_dir)
         self.backend = open_backend(self._backend_kind(), self.cfg.devices.simulate or None)
         self.snapshot = await asyncio.to_thread(self.backend.snapshot)
-        self._setup_metrics()
+        if self.snapshot.backend == "nvml" and self.snapshot.gpus:
+            await asyncio.to_thread(self._match_cuda_indices)
+        await self._setup_metrics()
         self._load_queue = asyncio.Queue()
-        self.server = Server(self, self.cfg.server.socket, **self._server_options())
+        # systemd may hand us the listening socket (socket activation) and, after a restart,
+        # the sealed arenas the previous process parked in its fd store.
+        from .systemd import LISTEN_FDNAME, listen_socket
+
+        listened = self.listened
+        listen_sock = listen_socket(listened)
+        recovery = fdstore.recover(listened)
+        for fd_name, fds in recovery.others.items():
+            if fd_name != LISTEN_FDNAME:
+                log.warning("closing %d unexpected fd(s) named %r handed over by systemd", len(fds), fd_name)
+                for fd in fds:
+                    os.close(fd)
+        await asyncio.to_thread(self._restore, recovery)
+        if listen_sock is not None:
+            self.server = Server.from_socket(self, listen_sock, **self._server_options())
+        else:
+            self.server = Server(self, self.cfg.server.socket, **self._server_options())
         await self.server.start()
         events: asyncio.Queue[ModelEvent] = asyncio.Queue()
         self.watcher = ModelWatcher(self.model_dir, events, loop, settle_s=self.cfg.watch.settle_s,
@@ -126,6 +148,52 @@ class Daemon:
         for i in range(self.cfg.placement.load_workers):
             self._tasks.append(asyncio.create_task(self._load_worker(), name=f"loader-{i}"))
         self._tasks.append(asyncio.create_task(self._poll_loop(), name="poll"))
+
+    def _match_cuda_indices(self) -> None:
+        """Tell the NVML backend torch's CUDA numbering (by UUID: NVML order is not CUDA order)."""
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                log.warning("NVML sees GPUs but torch cannot use CUDA; models stay on the CPU")
+                return
+            uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+        except Exception as exc:  # a broken CUDA install must not stop the daemon
+            log.warning("cannot match CUDA devices to NVML by UUID: %s", exc)
+            return
+        self.backend.match_torch_indices(uuids)
+        self.snapshot = self.backend.snapshot()
+
+    def _restore(self, recovery: fdstore.Recovery) -> None:
+        """Serve, at once and without reading the disk, what the previous process parked."""
+        if not recovery.models and not recovery.stale:
+            return
+        sources = names.scan(self.model_dir)
+        current = {name: names.fingerprint(src) for name, src in sources.items()}
+        kept = fdstore.reconcile(recovery, current, self.notifier)
+        newest = 0
+        for name, stored in sorted(kept.items()):
+            try:
+                version = handoff.revive(stored)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("%s: fd store entry unusable (%s); loading from disk instead", name, exc)
+                stored.close()
+                handoff.unpark(self.notifier, stored.fdnames)
+                continue
+            src = sources[name]
+            rule = self.cfg.rule_for(name)
+            rec = ModelRecord(name=name, path=str(src.path), source=src, fingerprint=current[name], state="ready",
+                              inspection=version.inspection, serving=version, generation=version.generation,
+                              placement=dict(version.placement), load_time_s=0.0, loaded_at=time.time(),
+                              reason="restored from the systemd fd store after a restart (no disk read)",
+                              stored=list(stored.fdnames), lazy=bool(rule and rule.preload == "lazy"))
+            rec.pin = self.operator_state.pins.get(name) or (rule.pin if rule and rule.pin else None)
+            rec.target = self.operator_state.targets.get(name)
+            self.registry.add(rec)
+            newest = max(newest, version.generation)
+            log.info("%s: restored from the fd store (%s)", name,
+                     ", ".join(f"{d} {n / MIB:.1f} MiB" for d, n in sorted(version.placement.items())))
+        self._generation = itertools.count(newest + 1)
 
     async def _shutdown(self) -> None:
         if self.watcher is not None:
@@ -203,12 +271,17 @@ class Daemon:
                 "max_frame": s.max_frame_bytes, "idle_timeout_s": s.idle_timeout_s,
                 "max_conns_per_uid": s.max_connections_per_uid}
 
-    def _setup_metrics(self) -> None:
-        try:
-            from .metrics import Metrics
-        except ImportError:  # metrics module not present: serve without it
-            return
+    async def _setup_metrics(self) -> None:
+        from .metrics import Metrics, MetricsHTTPServer
+
         self.metrics = Metrics()
+        listen = self.cfg.metrics.listen
+        if listen:
+            host, _, port = listen.rpartition(":")
+            self.metrics_server = MetricsHTTPServer(lambda: self.metrics.render(self.status()),
+                                                    host=host or "127.0.0.1", port=int(port))
+            await self.metrics_server.start()
+            log.info("metrics on http://%s/metrics", listen)
 
     # ------------------------------------------------------------------ events out
     def _fan_out(self, event: dict[str, Any]) -> None:
@@ -340,6 +413,8 @@ class Daemon:
         if rec.serving is not None:
             rec.serving.close()
             rec.serving = None
+        handoff.unpark(self.notifier, rec.stored)
+        rec.stored = []
         rec.placement = {}
         self.registry.remove(name, f"{name}: file removed; unloaded")
 
@@ -461,6 +536,8 @@ class Daemon:
                                  progress=None, error=None, diagnosis=None, reason=placement.reason)
         self.registry.decision(rec, "placed", f"{name}: placed on {where}: {placement.reason}",
                                target=",".join(sorted(version.placement)))
+        previously_parked, rec.stored = rec.stored, handoff.park(self.notifier, name, version)
+        handoff.unpark(self.notifier, previously_parked)
         if old is not None:
             old.close()
         self._update_simulated_held()
@@ -503,7 +580,9 @@ class Daemon:
             if rec is not None:
                 for dev, nbytes in rec.placement.items():
                     held[dev] = held.get(dev, 0) - nbytes
-        gpus = [planner.DeviceCapacity(id=d.id, total=d.total, free=d.free, held=held.get(d.id, 0), lost=d.lost)
+        # A device whose NVML calls hang (error set) shows stale numbers: place nothing new there.
+        gpus = [planner.DeviceCapacity(id=d.id, total=d.total, free=d.free, held=held.get(d.id, 0),
+                                       lost=d.lost or d.error is not None)
                 for d in snap.gpus]
         host = planner.DeviceCapacity(id="cpu", total=snap.host.total, free=snap.host.free, held=held.get("cpu", 0))
         return gpus, host
@@ -580,6 +659,7 @@ class Daemon:
         watchdog_every = self.notifier.watchdog_interval() if self.notifier is not None else None
         last_watchdog = 0.0
         last_devices: Any = None
+        last_summary = ""
         while True:
             try:
                 self._update_simulated_held()
@@ -593,7 +673,10 @@ class Daemon:
                 self._write_metrics()
                 now = time.monotonic()
                 if self.notifier is not None:
-                    self.notifier.status(self._summary())
+                    summary = self._summary()
+                    if summary != last_summary:  # STATUS= on change only: every datagram costs systemd work
+                        last_summary = summary
+                        self.notifier.status(summary)
                     if watchdog_every and now - last_watchdog >= watchdog_every:
                         self.notifier.watchdog()  # only from a loop that is demonstrably alive
                         last_watchdog = now
@@ -731,6 +814,8 @@ class Daemon:
             if rec.serving is not None:
                 rec.serving.close()
                 rec.serving = None
+            handoff.unpark(self.notifier, rec.stored)
+            rec.stored = []
             self.registry.transition(rec, "evicted", f"{name}: evicted by {who}", placement={}, progress=None,
                                      reason=f"evicted by {who}; loads again on fetch or reload")
             self.registry.decision(rec, "evicted", f"{name}: evicted by {who}")
@@ -758,4 +843,7 @@ class Daemon:
 def serve(cfg: Config, *, config_path: str | None = None,
           overrides: Callable[[Config], Config] | None = None) -> int:
     """Run a daemon in the foreground until it is stopped (what systemd runs)."""
-    return asyncio.run(Daemon(cfg, config_path=config_path, overrides=overrides).run())
+    from .systemd import listen_fds
+
+    listened = listen_fds()
+    return asyncio.run(Daemon(cfg, config_path=config_path, overrides=overrides, listened=listened).run())

@@ -61,6 +61,7 @@ class ModelRecord:
     progress: float | None = None
     lazy: bool = False
     home: str | None = None  # where pressure demoted it from
+    stored: list[str] = field(default_factory=list)  # FDNAMEs of the serving version in systemd's fd store
 
     @property
     def clients(self) -> int:

@@ -130,6 +130,23 @@ class DaemonHandle:
         return self.proc.returncode
 
 
+# What systemd does before exec: move the fds to 3, 4, ... and name them; LISTEN_PID is the pid
+# that exec keeps, so it is known only inside the child.
+_SYSTEMD_EXEC = """
+import fcntl, os, sys
+fds = [int(x) for x in os.environ.pop("DEVMAPD_TEST_FDS").split(",")]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # well above 3..N, so no dup2 lands on itself
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
 def devmapd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "devmapd", *args]
 
@@ -137,8 +154,13 @@ def devmapd_cmd(*args: str) -> list[str]:
 def start_daemon(tmp_path: Path, *, gpus: list[dict[str, Any]] | None = None, model_dir: Path | None = None,
                  extra_config: str = "", reserve_mib: int = 0, low_mib: int = 64, high_mib: int = 128,
                  cooldown_s: float = 1.0, wait: bool = True, name: str = "d", env: dict[str, str] | None = None,
-                 state_dir: Path | None = None, socket: str | None = None) -> DaemonHandle:
-    """Start ``devmapd serve`` in a subprocess under ``tmp_path/name``; wait until it answers."""
+                 state_dir: Path | None = None, socket: str | None = None,
+                 listen_fds: list[tuple[str, int]] | None = None) -> DaemonHandle:
+    """Start ``devmapd serve`` in a subprocess under ``tmp_path/name``; wait until it answers.
+
+    ``listen_fds`` [(name, fd), ...] are handed over the way systemd does it: renumbered from
+    fd 3, with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set to the daemon's own pid.
+    """
     base = tmp_path / name
     base.mkdir(exist_ok=True)
     mdir = model_dir or (base / "models")
@@ -157,8 +179,16 @@ def start_daemon(tmp_path: Path, *, gpus: list[dict[str, Any]] | None = None, mo
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if "NOTIFY_SOCKET" not in (env or {}):
         full_env.pop("NOTIFY_SOCKET", None)
+    pass_fds: tuple[int, ...] = ()
+    launch = argv
+    if listen_fds:
+        pass_fds = tuple(fd for _, fd in listen_fds)
+        full_env["LISTEN_FDNAMES"] = ":".join(n for n, _ in listen_fds)
+        full_env["DEVMAPD_TEST_FDS"] = ",".join(str(fd) for fd in pass_fds)
+        launch = [sys.executable, "-c", _SYSTEMD_EXEC, *argv]
     with open(log_file, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
+        proc = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+                                pass_fds=pass_fds)
     handle = DaemonHandle(proc=proc, socket=sock, model_dir=mdir, state_dir=sdir, sim_file=sim,
                           config_file=cfg, log_file=log_file, argv=argv)
     if wait:

@@ -1,0 +1,78 @@
+"""Restart without reloading: the daemon's side of the systemd fd-store handoff.
+
+``fdstore.py`` knows how to park sealed memfds with systemd and regroup them
+after a restart; this module turns a served version into what gets parked
+(manifest, fds, fingerprint, and the inspection facts status needs), and a
+recovered entry back into a :class:`ServedVersion` that serves at once, with
+no disk read. Only memfd segments travel: a CUDA allocation dies with the
+process, so GPU-resident models (without a host copy) are loaded again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import fdstore
+from .arena import Manifest, SealedSegment
+from .checkpoint import Inspection
+from .loader import ServedVersion
+
+log = logging.getLogger("devmapd.handoff")
+
+
+def inspection_facts(insp: Inspection) -> dict[str, Any]:
+    """What status and the planner need of an inspection, as JSON."""
+    return insp.to_json()
+
+
+def inspection_from_facts(facts: dict[str, Any]) -> Inspection:
+    return Inspection(
+        path=str(facts["path"]), format=str(facts["format"]), tensors=int(facts["tensors"]),
+        bytes=int(facts["bytes"]), dtypes={str(k): int(v) for k, v in facts["dtypes"].items()},
+        locations={str(k): int(v) for k, v in facts["locations"].items()},
+        prefixes=tuple(facts.get("prefixes", ())), containers=tuple(facts.get("containers", ())),
+        groups=tuple((str(g), int(b)) for g, b in facts.get("groups", ())),
+        largest_tensor=int(facts.get("largest_tensor", 0)), files=tuple(facts.get("files", ())),
+        diagnosis=None,
+    )
+
+
+def storable(version: ServedVersion) -> bool:
+    """A version can be parked when every segment it serves is a host memfd."""
+    return all(seg is not None for seg in version.segments) and not version.gpu_segments
+
+
+def park(notifier: Any, name: str, version: ServedVersion) -> list[str]:
+    """Hand ``version``'s memfds to the service manager; returns the FDNAMEs (empty if none)."""
+    if notifier is None or not notifier.enabled or not storable(version) or version.inspection is None:
+        return []
+    try:
+        return fdstore.stash(notifier, name, version.generation, version.manifest.to_json(), version.fds,
+                             version.fingerprint, extra={"inspection": inspection_facts(version.inspection),
+                                                         "load_time_s": version.load_time_s})
+    except (OSError, ValueError) as exc:  # the store is an optimisation: never fail a load over it
+        log.warning("%s: not parked in the fd store: %s", name, exc)
+        return []
+
+
+def unpark(notifier: Any, fdnames: list[str]) -> None:
+    if notifier is not None and fdnames:
+        fdstore.unstash(notifier, fdnames)
+
+
+def revive(stored: fdstore.StoredModel) -> ServedVersion:
+    """A recovered fd-store entry as a served version (takes ownership of its fds)."""
+    manifest = Manifest.from_json(stored.manifest)
+    segments: list[SealedSegment | None] = []
+    for info, fd in zip(manifest.segments, stored.fds):
+        if fd is None:
+            raise ValueError("a segment was not stored")
+        segments.append(SealedSegment(fd, info.nbytes, f"devmapd:{stored.name}"))
+    placement: dict[str, int] = {}
+    for info in manifest.segments:
+        placement[info.device] = placement.get(info.device, 0) + info.nbytes
+    insp = inspection_from_facts(stored.extra["inspection"])
+    return ServedVersion(generation=stored.generation, manifest=manifest, segments=segments,
+                         placement=placement, fingerprint=stored.fingerprint,
+                         load_time_s=float(stored.extra.get("load_time_s", 0.0)), inspection=insp)
