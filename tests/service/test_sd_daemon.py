@@ -201,8 +201,9 @@ def test_restart_serves_from_the_fd_store_without_reading_the_file(tmp_path, fak
     # daemon that serves the OLD tensors took them from the store, not from the disk.
     st = model.stat()
     data = bytearray(model.read_bytes())
-    replacement = _save(tmp_path / "other.pt", seed=2)
-    other = (tmp_path / "other.pt").read_bytes()
+    (tmp_path / "other").mkdir()
+    replacement = _save(tmp_path / "other" / "tiny.pt", seed=2)  # same name: same zip layout and size
+    other = (tmp_path / "other" / "tiny.pt").read_bytes()
     assert len(other) == len(data)
     with open(model, "r+b") as f:
         f.write(other)
