@@ -13,7 +13,6 @@ import re
 import threading
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 CODES = (
     "device_mismatch", "out_of_memory", "corrupt", "truncated", "not_a_checkpoint", "empty",
