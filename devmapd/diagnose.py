@@ -102,6 +102,11 @@ def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | No
                      f"{_name(path)} would call {names} when unpickled, i.e. run code, so devmapd refused it; "
                      "do not load it with weights_only=False — get the weights from a trusted source and "
                      "re-save only the tensors (model.state_dict()).", detail)
+    if any(n.startswith(("torch.nn.modules.", "__main__.")) for n in offending):
+        return error("unsafe_pickle",
+                     f"{_name(path)} holds a whole pickled model object ({names}), not just its weights, "
+                     "which weights-only loading refuses; re-save it with torch.save(model.state_dict(), path).",
+                     detail)
     return error("unsafe_pickle",
                  f"{_name(path)} refers to {names}, which weights-only loading does not allow; if you trust "
                  f"the file, add {names} to checkpoint.allowed_globals in the config, otherwise re-save "

@@ -317,3 +317,11 @@ def test_malicious_pickle_variants(tmp_path, how):
     assert d.code == "unsafe_pickle" and "posix.system" in d.message, d
     assert inspect(p).diagnosis.code == "unsafe_pickle"
     assert not marker.exists()
+
+
+def test_whole_pickled_module_says_save_the_state_dict(tmp_path):
+    p = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), p)
+    d = read_error(p)
+    assert d.code == "unsafe_pickle" and "torch.nn.modules.linear.Linear" in d.message
+    assert "state_dict()" in d.message
