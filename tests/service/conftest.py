@@ -85,6 +85,13 @@ class FakeSystemd:
             for fd in self.store.pop(note.fields["FDNAME"], []):
                 os.close(fd)
 
+    def clear_store(self) -> None:
+        """What `systemctl stop` does to the fd store: close everything in it."""
+        for fds in self.store.values():
+            for fd in fds:
+                os.close(fd)
+        self.store.clear()
+
     def close(self) -> None:
         for fds in self.store.values():
             for fd in fds:
