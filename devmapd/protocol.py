@@ -14,6 +14,17 @@ Messages (docs/INTERNALS.md "server.py / protocol.py / client.py")::
 
 ``id`` is null in an error the server sends about a frame it could not parse (then it hangs up).
 
+Ops (args -> result; the right each needs is in FETCH_OPS / OPERATOR_OPS):
+
+    hello     {}                 -> {version, protocol, pid, operator, uid, backend, socket, host, started_at}
+    status    {}                 -> the status JSON (docs/INTERNALS.md)
+    model     {name}             -> that model's status record (+ detail)
+    fetch     {name}             -> {lease, model, manifest}; one fd per "memfd" segment, in order
+    release   {name} | {lease}   -> {released: n}   (this connection's leases only)
+    subscribe {}                 -> {subscribed: true}, then event frames with this request's id
+    remap {name, device} | pin {name, device} | unpin {name} | evict {name} | reload {name}
+                                 -> whatever DaemonAPI.action returns
+
 This module imports nothing heavy (no torch, no asyncio work): the client, the server and the CLI
 all import it, and ``import devmapd`` must stay cheap.
 """

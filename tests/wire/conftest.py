@@ -86,7 +86,7 @@ def spawn_client(*args: str, prefix: list[str] | None = None) -> subprocess.Pope
 
 
 def last_json(out: str) -> Any:
-    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith(("{", "["))]
     assert lines, f"no JSON result in client output: {out!r}"
     return json.loads(lines[-1])
 
