@@ -11,12 +11,14 @@ Default sizes are tiny (KBs) so tests and the demo stay fast; ``big`` is sized b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shlex
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -60,6 +62,14 @@ def tiny_model(seed: int = 0, **kw) -> TinyLM:
 
 # ----------------------------------------------------------------------------- one writer per kind
 
+@contextlib.contextmanager
+def _quiet():
+    """torch.compile's import and torch.jit emit TorchScript deprecation warnings: not ours to show."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def plain(d: Path) -> Path:
     """A plain state dict (OrderedDict) with tied weights sharing one storage."""
     p = d / "plain.pt"
@@ -95,14 +105,16 @@ def dataparallel(d: Path) -> Path:
 def compiled(d: Path) -> Path:
     """A torch.compile'd module's state dict (``_orig_mod.`` keys); compilation itself is lazy."""
     p = d / "compiled.pt"
-    torch.save(torch.compile(tiny_model(tie=False)).state_dict(), p)
+    with _quiet():
+        torch.save(torch.compile(tiny_model(tie=False)).state_dict(), p)
     return p
 
 
 def compiled_dataparallel(d: Path) -> Path:
     """torch.compile over DataParallel: stacked ``_orig_mod.module.`` keys."""
     p = d / "compiled_dataparallel.pt"
-    torch.save(torch.compile(nn.DataParallel(tiny_model(tie=False))).state_dict(), p)
+    with _quiet():
+        torch.save(torch.compile(nn.DataParallel(tiny_model(tie=False))).state_dict(), p)
     return p
 
 
@@ -289,10 +301,8 @@ def empty(d: Path) -> Path:
 
 def torchscript(d: Path) -> Path:
     """A TorchScript archive (torch.jit.script + torch.jit.save)."""
-    import warnings
     p = d / "torchscript.pt"
-    with warnings.catch_warnings():   # torch 2.9+ deprecates TorchScript; labs still have such files
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _quiet():   # torch 2.9+ deprecates TorchScript; labs still have such files
         torch.jit.save(torch.jit.script(nn.Linear(4, 2)), str(p))
     return p
 
