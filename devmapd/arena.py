@@ -33,7 +33,7 @@ from . import tree
 __all__ = [
     "ALIGN", "ArenaError", "SegmentInfo", "TensorEntry", "Manifest", "ArenaBuilder",
     "SealedSegment", "layout", "verify_sealed", "attach", "build", "dtype_from_name",
-    "dtype_name",
+    "dtype_name", "tensors_on_storage",
 ]
 
 ALIGN = 64
