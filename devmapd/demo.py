@@ -93,8 +93,9 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 # ----------------------------------------------------------------------------- sample models
 
-def write_demo_models(model_dir: Path) -> dict[str, Path]:
-    """Real checkpoints written by torch/safetensors (devmapd.samples), under descriptive names."""
+def write_demo_models(model_dir: Path, *, tiny: bool = False) -> dict[str, Path]:
+    """Real checkpoints written by torch/safetensors (devmapd.samples), under descriptive names.
+    `tiny` leaves out the two MiB-sized ones (quick checks of the demo itself)."""
     import torch
 
     from . import samples
@@ -104,16 +105,19 @@ def write_demo_models(model_dir: Path) -> dict[str, Path]:
     staging.mkdir(exist_ok=True)
     written = {
         "plain-state-dict.pt": samples.plain(staging),
-        "ddp-module-prefix.pt": samples.ddp(staging),
+        # A real DistributedDataParallel state dict. `tiny` uses nn.DataParallel, whose keys are
+        # the same "module."-prefixed layout, because a gloo process group takes seconds to start.
+        "ddp-module-prefix.pt": samples.dataparallel(staging) if tiny else samples.ddp(staging),
         "fp16-weights.pt": samples.fp16(staging),
         "saved-on-cuda1.pt": samples.saved_on_cuda(staging, devices=("cuda:1",), name="cuda1.pt"),
         "hf-sharded": samples.hf_safetensors(staging),
         "broken-truncated.pt": samples.truncated(staging),
-        # Two bigger ones so the memory bars and a demotion are visible at MiB scale.
-        "toy-llm-fp16.pt": samples.big(staging, 96 * MIB, count=24, dtype=torch.float16,
-                                       name="toy-llm.pt"),
-        "toy-vit.pt": samples.big(staging, 40 * MIB, count=12, name="toy-vit.pt"),
     }
+    if not tiny:
+        # Two bigger ones so the memory bars and a demotion are visible at MiB scale.
+        written["toy-llm-fp16.pt"] = samples.big(staging, 96 * MIB, count=24, dtype=torch.float16,
+                                                 name="toy-llm.pt")
+        written["toy-vit.pt"] = samples.big(staging, 40 * MIB, count=12, name="toy-vit.pt")
     out: dict[str, Path] = {}
     # Moved in complete, before the daemon starts, so it never sees a half-written file.
     for name, src in written.items():
@@ -364,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop the demo after this long (scripts, CI)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the demo's temporary directory (models, log) on exit")
+    # Tests and CI: skip the two MiB-sized models (generating them is most of the start-up).
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -388,7 +394,7 @@ def run_demo(argv: list[str] | None = None) -> int:
             pass
     try:
         print(f"devmapd demo: writing sample checkpoints to {daemon.model_dir} …", flush=True)
-        write_demo_models(daemon.model_dir)
+        write_demo_models(daemon.model_dir, tiny=args.tiny)
         print("devmapd demo: starting a daemon on two simulated GPUs …", flush=True)
         daemon.start()
         daemon.wait_ready()

@@ -74,7 +74,8 @@ class DevmapdApp(App[int]):
 
     def __init__(self, socket: str | None = None, *, client_factory: ClientFactory | None = None,
                  clock: Callable[[], float] = time.time, demo: DemoHooks | None = None,
-                 refresh_s: float = 8.0, time_format: Callable[[float], str] = local_time) -> None:
+                 refresh_s: float = 8.0, time_format: Callable[[float], str] = local_time,
+                 retry_backoff: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.socket = socket
         self.factory = client_factory or default_factory(socket)
@@ -82,6 +83,7 @@ class DevmapdApp(App[int]):
         self.demo = demo
         self.refresh_s = refresh_s
         self.time_format = time_format
+        self.retry_backoff = retry_backoff
         self.state = DaemonState(clock)
         self.requests = Requests(self.factory)
         self.pump: EventPump | None = None
@@ -132,7 +134,7 @@ class DevmapdApp(App[int]):
         self._show_detail()
         self._set_banner(f"connecting to {header.socket} …", "connecting")
         self._table.focus()
-        self.pump = EventPump(self.factory, self.post_message)
+        self.pump = EventPump(self.factory, self.post_message, self.retry_backoff)
         self.pump.start()
         self.set_interval(self.refresh_s, self._safety_refresh)
         self.set_interval(10.0, self._tick)
@@ -154,7 +156,7 @@ class DevmapdApp(App[int]):
         self._redraw_all(changed, removed)
         header = self._header
         header.hello = self.hello
-        header.mode = "operator" if self.operator else "read-only: not an operator"
+        header.mode = "operator" if self.operator else "read-only"
         header.update_from()
         log = self._event_log
         now = self.clock()
@@ -177,10 +179,11 @@ class DevmapdApp(App[int]):
         self.connected = False
         self.last_error = message.error
         sock = self._header.socket
+        stale = "; the data below is from before the outage" if self.state.loaded else ""
         self._set_banner(f"⚠ daemon unreachable at {sock}: {message.error} — retrying "
-                         f"(attempt {message.attempt}, next in {message.retry_in:g}s); "
-                         f"the data below is stale", "down")
+                         f"(attempt {message.attempt}, next in {message.retry_in:g}s){stale}", "down")
         self._main.add_class("stale")
+        self._show_detail()
         if not self.outage_logged:
             self._event_log.add(self.clock(), "error",
                                          f"lost the daemon ({message.error}); retrying")
@@ -305,7 +308,9 @@ class DevmapdApp(App[int]):
         if not self.connected:
             return "Actions are disabled while the daemon is unreachable."
         if not self.operator:
-            return self._read_only_reason()
+            uid = self.hello.get("uid")
+            return (f"Read-only: {'uid ' + str(uid) if uid is not None else 'you'} is not a devmapd "
+                    f"operator, so remap/pin/evict/reload are disabled.")
         return None
 
     def _show_detail(self) -> None:

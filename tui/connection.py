@@ -100,8 +100,10 @@ class EventPump:
 
     BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
 
-    def __init__(self, factory: ClientFactory, post: Callable[[Message], Any]) -> None:
+    def __init__(self, factory: ClientFactory, post: Callable[[Message], Any],
+                 backoff: tuple[float, ...] | None = None) -> None:
         self._factory = factory
+        self.backoff = backoff or self.BACKOFF
         self._post = post
         self._stop = threading.Event()
         self._client: ClientLike | None = None
@@ -159,7 +161,7 @@ class EventPump:
                         pass
             if self._stop.is_set():
                 break
-            delay = self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)]
+            delay = self.backoff[min(attempt, len(self.backoff) - 1)]
             attempt += 1
             self._post(Unreachable(error, delay, attempt))
             self._stop.wait(delay)

@@ -383,18 +383,18 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
     if prefixes:
         row("prefixes", ", ".join(prefixes) + " (stripped on load)")
     if insp.get("groups"):
-        row("groups", f"{len(insp['groups'])} module groups; largest tensor "
-                      f"{human_bytes(insp.get('largest_tensor'))}")
+        row("groups", f"{len(insp['groups'])} · largest tensor {human_bytes(insp.get('largest_tensor'))}")
     pin = record.get("pin")
     row("usage", f"{record.get('clients') or 0} clients · {record.get('fetches') or 0} fetches · "
-                 f"last fetch {human_age(record.get('last_fetch'), now)}")
+                 f"last {human_age(record.get('last_fetch'), now)}")
     row("load", f"{load_time_text(record.get('load_time_s'))} · pinned: "
                 + (f"yes, to {pin}" if pin else ("yes" if record.get("pinned") else "no")))
     if record.get("path"):
         row("path", str(record["path"]), "grey62")
-    parts: list[RenderableType] = [title, grid]
-    if actions_note:
+    parts: list[RenderableType] = [title]
+    if actions_note:   # first, so a long detail never scrolls the reason out of sight
         parts.append(Text(actions_note, style="yellow"))
+    parts.append(grid)
     return Group(*parts)
 
 

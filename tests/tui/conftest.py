@@ -87,7 +87,7 @@ def live_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonHandle]]:
         if models and not model_dir.exists():
             write_models(model_dir)
         model_dir.mkdir(exist_ok=True)
-        kwargs.setdefault("gpus", [sim_gpu(0, 1024, 100), sim_gpu(1, 512, 50)])
+        kwargs.setdefault("gpus", DEFAULT_GPUS())
         handle = start_daemon(tmp_path, model_dir=model_dir, name=name, wait=False, **kwargs)
         started.append(handle)
         wait_answering(handle)
@@ -96,6 +96,25 @@ def live_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonHandle]]:
     yield start
     for handle in started:
         handle.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    """One real daemon for a module's tests that only need *a* daemon (starting one costs
+    seconds of CPU on a shared machine); each test puts back what it changes."""
+    require_serve()
+    base = tmp_path_factory.mktemp("tui-shared")
+    write_models(base / "models")
+    handle = start_daemon(base, model_dir=base / "models", wait=False, gpus=DEFAULT_GPUS())
+    try:
+        wait_answering(handle)
+        yield handle
+    finally:
+        handle.stop()
+
+
+def DEFAULT_GPUS() -> list[dict[str, Any]]:
+    return [sim_gpu(0, 1024, 100), sim_gpu(1, 512, 50)]
 
 
 async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 20.0,

@@ -11,8 +11,7 @@ from devmapd_tui.help import HelpScreen
 from devmapd_tui.widgets import DetailPane, DevicePanel, EventLog, HeaderBar, ModelTable
 from textual.widgets import OptionList
 
-from tests.harness import sim_gpu
-from tests.tui.conftest import in_thread, text_of, wait_until
+from tests.tui.conftest import DEFAULT_GPUS, in_thread, text_of, wait_until
 
 SIZE = (120, 40)
 
@@ -41,8 +40,8 @@ async def select(app: DevmapdApp, pilot: Any, name: str) -> None:
     await wait_until(pilot, lambda: table.selected_name == name, what=f"{name} selected")
 
 
-async def test_shows_devices_models_and_a_diagnosis(live_daemon):
-    handle = live_daemon()
+async def test_shows_devices_models_and_a_diagnosis(shared_daemon):
+    handle = shared_daemon
     await in_thread(handle.wait_model, "big")
     await in_thread(handle.wait_model, "truncated", "failed")
     async with dashboard(handle) as (app, pilot):
@@ -67,8 +66,8 @@ async def test_shows_devices_models_and_a_diagnosis(live_daemon):
         assert "diagnosis" in detail and "truncated.pt" in detail
 
 
-async def test_remap_dialog_moves_the_model(live_daemon):
-    handle = live_daemon()
+async def test_remap_dialog_moves_the_model(shared_daemon):
+    handle = shared_daemon
     before = await in_thread(handle.wait_model, "big")
     (source,) = before["placement"]
     target = "cuda:1" if source != "cuda:1" else "cuda:0"
@@ -94,8 +93,8 @@ async def test_remap_dialog_moves_the_model(live_daemon):
     assert set(status["placement"]) == {target}
 
 
-async def test_pin_unpin_evict_and_reload_with_confirmation(live_daemon):
-    handle = live_daemon()
+async def test_pin_unpin_evict_and_reload_with_confirmation(shared_daemon):
+    handle = shared_daemon
     await in_thread(handle.wait_model, "big")
     async with dashboard(handle) as (app, pilot):
         await select(app, pilot, "big")
@@ -126,8 +125,8 @@ async def test_pin_unpin_evict_and_reload_with_confirmation(live_daemon):
         await wait_until(pilot, lambda: record(app, "big").get("state") == "ready", what="reloaded")
 
 
-async def test_sort_filter_help_and_header_click(live_daemon):
-    handle = live_daemon()
+async def test_sort_filter_help_and_header_click(shared_daemon):
+    handle = shared_daemon
     await in_thread(handle.wait_model, "big")
     await in_thread(handle.wait_model, "truncated", "failed")
     async with dashboard(handle) as (app, pilot):
@@ -159,21 +158,26 @@ async def test_sort_filter_help_and_header_click(live_daemon):
         await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
 
 
-async def test_pressure_demotion_appears_in_the_log(live_daemon):
-    handle = live_daemon()
+async def test_pressure_demotion_appears_in_the_log(shared_daemon):
+    handle = shared_daemon
     big = await in_thread(handle.wait_model, "big")
     (home,) = big["placement"]
     assert home.startswith("cuda:")
     async with dashboard(handle) as (app, pilot):
-        gpus = [sim_gpu(0, 1024, 100), sim_gpu(1, 512, 50)]
+        gpus = DEFAULT_GPUS()
         squeezed = int(home[5:])
         gpus[squeezed]["used_by_others_mib"] = gpus[squeezed]["total_mib"] - 32
         handle.set_gpus(gpus)
-        await wait_until(pilot, lambda: home not in (record(app, "big").get("placement") or {home: 1}),
-                         what="big demoted off its GPU", timeout=20)
-        await wait_until(pilot, lambda: "demoted" in log_text(app), what="a demotion in the log")
-        devices = text_of(app.query_one(DevicePanel).content)
-        assert "cuda:" in devices
+        try:
+            await wait_until(pilot, lambda: home not in (record(app, "big").get("placement") or {home: 1}),
+                             what="big demoted off its GPU", timeout=20)
+            await wait_until(pilot, lambda: "demoted" in log_text(app), what="a demotion in the log")
+            # The squeezed GPU's bar now shows other processes filling it.
+            devices = text_of(app.query_one(DevicePanel).content)
+            line = next(l for l in devices.splitlines() if l.strip().startswith(home))
+            assert "▒" * 10 in line, line
+        finally:
+            handle.set_gpus(DEFAULT_GPUS())
 
 
 async def test_recovers_after_the_daemon_restarts(live_daemon):
