@@ -325,3 +325,21 @@ def test_whole_pickled_module_says_save_the_state_dict(tmp_path):
     d = read_error(p)
     assert d.code == "unsafe_pickle" and "torch.nn.modules.linear.Linear" in d.message
     assert "state_dict()" in d.message
+
+
+def test_no_fd_leaks(sample_paths):
+    """Every file and arena fd is closed on success (after close()) and on every failure."""
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+    read(sample_paths["hf_safetensors"]).close()       # warm up lazy imports/thread pools
+    before = count()
+    for _ in range(3):
+        for kind in ("plain", "hf_bin", "legacy"):
+            read(sample_paths[kind]).close()
+        for kind in ("malicious", "truncated", "random", "empty", "torchscript"):
+            with pytest.raises(CheckpointError):
+                read(sample_paths[kind])
+            inspect(sample_paths[kind])
+        with pytest.raises(CheckpointError):
+            read(sample_paths["plain"], ReadOptions(memory_limit=1))
+    assert count() == before
