@@ -487,6 +487,9 @@ class _Conn:
                 if msg is None:
                     return
                 await self._dispatch(msg)
+                # A client that pipelines requests and reads replies as fast as they come could
+                # otherwise keep this loop from ever yielding: let other connections run.
+                await asyncio.sleep(0)
         except _Hangup:
             pass
         except (ConnectionError, BrokenPipeError, TimeoutError) as e:
@@ -636,15 +639,28 @@ class _Conn:
                 raise ApiError(P.TOO_LARGE, f"{name} has {len(fds)} memfd segments; at most "
                                             f"{P.MAX_FDS_PER_FRAME} fit in one reply")
             manifest_json = self.srv._manifests.get(grant.manifest)
+            # Our own duplicates, taken before the next await: the daemon may close its fds
+            # (model replaced) while this reply waits for the send lock, and a closed fd number
+            # can be reused by anything in the meantime.
+            own: list[int] = []
+            try:
+                for fd in fds:
+                    own.append(os.dup(fd))
+            except OSError as e:
+                P.close_fds(own)
+                raise ApiError(P.INTERNAL, f"cannot pass the memory of {name}: {e.strerror}") from None
         except ApiError:
             self._release({"lease": lease_id})
             raise
-        # Splice the cached manifest JSON into the reply instead of re-encoding it.
-        body = b"".join((b'{"id":', P._dumps(rid).encode(), b',"ok":true,"result":{"lease":',
-                         str(lease_id).encode(), b',"model":',
-                         P._dumps(grant.model or {}).encode("utf-8"), b',"manifest":',
-                         manifest_json, b"}}"))
-        await self._send_bytes(P.HEADER.pack(len(body)) + body, fds, self.srv.write_timeout_s)
+        try:
+            # Splice the cached manifest JSON into the reply instead of re-encoding it.
+            body = b"".join((b'{"id":', P._dumps(rid).encode(), b',"ok":true,"result":{"lease":',
+                             str(lease_id).encode(), b',"model":',
+                             P._dumps(grant.model or {}).encode("utf-8"), b',"manifest":',
+                             manifest_json, b"}}"))
+            await self._send_bytes(P.HEADER.pack(len(body)) + body, own, self.srv.write_timeout_s)
+        finally:
+            P.close_fds(own)
 
     async def _subscribe(self, rid: Any) -> None:
         if rid in self.subs:

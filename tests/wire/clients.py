@@ -255,5 +255,42 @@ def cmd_fallback(path: str, *cases: str) -> None:
     print(json.dumps(results), flush=True)
 
 
+def cmd_persist(sock: str, name: str) -> None:
+    """devmapd.load keeps one connection per socket; release gives the model back; a forked
+    child gets its own connection instead of sharing the parent's stream."""
+    import devmapd
+    from devmapd.client import Client
+
+    def wire() -> dict:
+        with Client(sock) as c:
+            return c.status()["wire"]
+
+    def clients_of() -> int:
+        with Client(sock) as c:
+            return next(m["clients"] for m in c.status()["models"] if m["name"] == name)
+
+    out: dict[str, Any] = {}
+    base = wire()["connections"]          # includes the status connection itself
+    a = devmapd.load(name, socket=sock)
+    b = devmapd.load(name, socket=sock)
+    out["connections_added"] = wire()["connections"] - base
+    out["clients_after_two_loads"] = clients_of()
+    pid = os.fork()
+    if pid == 0:                          # child: must not write into the parent's stream
+        try:
+            c = devmapd.load(name, socket=sock)
+            os._exit(0 if float(c["w"].sum()) == float(a["w"].sum()) else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    out["child_rc"] = os.waitstatus_to_exitcode(status)
+    again = devmapd.load(name, socket=sock)      # the parent's connection still works
+    out["clients_after_fork"] = clients_of()
+    devmapd.release(name, socket=sock)
+    out["clients_after_release"] = clients_of()
+    out["tensors_alive"] = bool(float(a["w"].sum()) == float(b["w"].sum()) == float(again["w"].sum()))
+    say(out)
+
+
 if __name__ == "__main__":
     globals()[f"cmd_{sys.argv[1]}"](*sys.argv[2:])

@@ -18,6 +18,16 @@ def test_fetched_tensors_equal_torch_load(wired: WireDaemon) -> None:
     assert w["leases"] == 0 and w["double_releases"] == 0
 
 
+def test_load_keeps_one_connection_per_process(wired: WireDaemon) -> None:
+    wired.settle()
+    r = run_client("persist", wired.socket, "small")
+    assert r.returncode == 0, r.stderr
+    out = last_json(r.stdout)
+    assert out == {"connections_added": 1, "clients_after_two_loads": 2, "child_rc": 0,
+                   "clients_after_fork": 3, "clients_after_release": 0, "tensors_alive": True}, out
+    assert wired.settle()["leases"] == 0
+
+
 def test_client_write_reaches_no_one_else(wired: WireDaemon) -> None:
     path = str(wired.ckpts["small"])
     holder = spawn_client("hold", wired.socket, "small", path)
