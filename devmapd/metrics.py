@@ -296,6 +296,7 @@ def write_textfile(path: str | os.PathLike[str], text: str) -> None:
 # ------------------------------------------------------------------------------- HTTP
 def _loopback(host: str) -> str:
     """Resolve ``host`` and insist it is a loopback address; returns the address to bind."""
+    host = host.strip("[]")  # "[::1]" as written in "[::1]:9477"
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -114,7 +114,8 @@ def test_notify_lifecycle_of_the_real_daemon(tmp_path, fake_systemd, child_env):
             if note.fields.get("WATCHDOG") == "1":
                 pings.append(time.monotonic())
         assert len(pings) == 2, "WATCHDOG=1 must keep coming while the main loop is healthy"
-        assert pings[1] - pings[0] < 1.0 + 0.5  # at least every WATCHDOG_USEC/2, with scheduling slack
+        # Every WATCHDOG_USEC/2 = 0.5 s; the slack is for a loaded 2-core CI box.
+        assert pings[1] - pings[0] < 2.5
 
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         proc.send_signal(signal.SIGHUP)
@@ -148,6 +149,37 @@ def test_daemon_logs_for_the_journal_under_systemd(tmp_path, fake_systemd, child
     assert all(re.match(r"<[0-7]>", line) for line in lines), lines[:5]
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in lines), "no timestamps of our own"
     assert any(line.startswith("<6>") for line in lines) and any(line.startswith("<7>") for line in lines)
+
+
+def test_daemon_writes_the_metrics_textfile_the_unit_uses(tmp_path, fake_systemd, child_env):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    paths = _state(tmp_path)
+    textfile = tmp_path / "metrics" / "devmapd.prom"
+    paths["config"].write_text(CONFIG + f'[metrics]\ntextfile = "{textfile}"\n')
+    sd = _save(paths["models"] / "tiny.pt", seed=3)
+    proc = _start(paths, child_env, fake_systemd)
+    try:
+        _wait_for(fake_systemd, lambda n: re.match(r"1 models ready", n.fields.get("STATUS", "")), "tiny ready")
+        devmapd.load("tiny", socket=str(paths["socket"]))
+        deadline = time.monotonic() + 10
+        samples: dict = {}
+        while time.monotonic() < deadline:
+            fake_systemd.drain(0.3)
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(textfile.read_text()) for s in f.samples}
+            if samples.get(("devmapd_fetches_total", (("model", "tiny"),))) == 1:
+                break
+    finally:
+        _stop(proc)
+    assert samples[("devmapd_up", ())] == 1
+    assert samples[("devmapd_model_state", (("model", "tiny"), ("state", "ready")))] == 1
+    placed = {dict(k[1])["device"]: v for k, v in samples.items()
+              if k[0] == "devmapd_model_bytes" and dict(k[1])["model"] == "tiny"}
+    assert sum(placed.values()) >= sum(t.numel() * t.element_size() for t in sd.values())
+    assert samples[("devmapd_fetches_total", (("model", "tiny"),))] == 1
+    assert samples[("devmapd_fetch_duration_seconds_count", (("model", "tiny"),))] == 1
+    assert samples[("devmapd_device_total_bytes", (("device", "cuda:0"),))] == 1024 * 1024 * 1024
 
 
 needs_socket_activation = pytest.mark.skipif(

@@ -191,6 +191,7 @@ def test_non_loopback_binds_are_refused(host):
 
 def test_localhost_is_accepted():
     assert MetricsHTTPServer(lambda: "", host="localhost").address in ("127.0.0.1", "::1")
+    assert MetricsHTTPServer(lambda: "", host="[::1]").address == "::1"  # as in listen = "[::1]:9477"
 
 
 def test_counters_are_thread_safe():
