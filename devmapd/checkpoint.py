@@ -466,13 +466,16 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
             b.discard()
         for s in sealed:
             s.close()
-        if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+        if not isinstance(e, Exception):
             raise
-        # A failure while copying is most often the file changing under us: say so if it did.
+        # A failure while reading (short read, "truncated", a bad pickle) is most often the file
+        # changing under us: say so when it did, whatever the symptom.
         for f in opened:
             if f.fd >= 0 and not f.unchanged():
                 raise diagnose.changed_during_read(f.path, f"{type(e).__name__}: {e}") from None
-        if type(e).__name__ == "TreeError":
+        if isinstance(e, CheckpointError):
+            raise
+        if isinstance(e, tree.TreeError):
             raise diagnose.unsupported(path, f"a checkpoint holding objects devmapd cannot serve ({e})",
                                        "re-save only tensors in plain dicts, lists and tuples",
                                        f"TreeError: {e}") from None

@@ -343,3 +343,11 @@ def test_no_fd_leaks(sample_paths):
         with pytest.raises(CheckpointError):
             read(sample_paths["plain"], ReadOptions(memory_limit=1))
     assert count() == before
+
+
+def test_truncated_by_a_writer_while_casting(private_copy):
+    """The slow (casting) path reading a file another process truncates: changed, not 'truncated'."""
+    p = private_copy("fp16")
+    size = p.stat().st_size
+    d = read_error(p, ReadOptions(cpu_upcast_half=True), progress=lambda done, total: os.truncate(p, size // 3))
+    assert d.code == "changed_during_read"
