@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["InstallError", "find_sources", "install_service", "main", "render_service", "uninstall_service"]
+__all__ = ["InstallError", "add_arguments", "find_sources", "install_service", "main", "render_service", "run",
+           "uninstall_service"]
 
 CONFIG_PATH = "/etc/devmapd/devmapd.toml"
 DEFAULT_MODEL_DIR = "/srv/models"
@@ -284,10 +285,8 @@ def uninstall_service(root: Path = Path("/"), *, dry_run: bool, out: Callable[[s
         f"sudo rm -r /etc/devmapd {STATE_DIR} && sudo userdel devmapd && sudo groupdel devmapd")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`devmapd install-service [--root R] [--dry-run] [--prefix P] [--python PY] [--model-dir D]
-    [--enable] [--uninstall]`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="devmapd install-service", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The install-service options, for the CLI's subparser (so `--help` lists them)."""
     parser.add_argument("--root", type=Path, default=Path("/"), help="install under this root (default /)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     parser.add_argument("--prefix", help="ExecStart runs PREFIX/bin/devmapd (default: the devmapd beside --python)")
@@ -295,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-dir", help="model directory made read-only for the service (default: the config's)")
     parser.add_argument("--enable", action="store_true", help="also enable and start the socket and service")
     parser.add_argument("--uninstall", action="store_true", help="remove the units and snippets instead")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out parsed install-service arguments; returns the exit status."""
     try:
         if args.uninstall:
             uninstall_service(args.root, dry_run=args.dry_run)
@@ -306,6 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devmapd install-service: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`devmapd install-service [--root R] [--dry-run] [--prefix P] [--python PY] [--model-dir D]
+    [--enable] [--uninstall]`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="devmapd install-service", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv) if argv is not None else None))
 
 
 if __name__ == "__main__":
