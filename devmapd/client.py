@@ -197,7 +197,11 @@ class Client:
                             self._drop()
                             raise _error(msg.get("error"))
                 except (ConnectionResetError, BrokenPipeError) as e:
+                    # The daemon may have said why it hung up (busy, bad frame) before closing.
+                    why = _parting_error(sock)
                     self._drop()
+                    if why is not None:
+                        raise why from None
                     if reused and attempt == 0:
                         continue
                     raise DaemonUnavailable(f"devmapd at {self.socket_path} closed the connection "
@@ -359,6 +363,19 @@ class Client:
                 pass
         with self._lock:
             self._drop()
+
+
+def _parting_error(sock: _socket.socket) -> DevmapdError | None:
+    """The error frame a server sent just before hanging up, if one is waiting to be read."""
+    try:
+        sock.settimeout(0.2)
+        msg, fds = P.recv_frame(sock, max_fds=0)
+    except (OSError, P.ProtocolError):
+        return None
+    P.close_fds(fds)
+    if msg.get("id") is None and msg.get("ok") is False:
+        return _error(msg.get("error"))
+    return None
 
 
 def _conn_event(state: str, message: str) -> dict:

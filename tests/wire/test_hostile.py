@@ -213,6 +213,11 @@ def test_per_uid_connection_cap(wired: WireDaemon) -> None:
         assert refused is not None and refused["error"]["code"] == "busy", refused
         assert f"limit {cap}" in refused["error"]["message"] and "uid 0" in refused["error"]["message"]
         assert len(socks) == cap + 1
+        # The client library reports the same refusal, reason included.
+        from devmapd.client import Client, DevmapdError
+        with pytest.raises(DevmapdError) as e:
+            Client(wired.socket).hello()
+        assert e.value.code == "busy" and f"limit {cap}" in str(e.value)
     finally:
         for s in socks:
             s.close()
