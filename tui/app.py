@@ -173,7 +173,7 @@ class DevmapdApp(App[int]):
                 log.add(now, "info", "demo: press x to start a simulated training job on the GPU "
                                      "devmapd uses most and watch it demote models; x again ends it")
         self.outage_logged = False
-        self.refresh_bindings()
+        self._update_bindings()
 
     def on_unreachable(self, message: Unreachable) -> None:
         self.connected = False
@@ -188,7 +188,7 @@ class DevmapdApp(App[int]):
             self._event_log.add(self.clock(), "error",
                                          f"lost the daemon ({message.error}); retrying")
             self.outage_logged = True
-        self.refresh_bindings()
+        self._update_bindings()
 
     def _set_banner(self, text: str | None, kind: str = "down") -> None:
         banner = self._banner
@@ -340,7 +340,7 @@ class DevmapdApp(App[int]):
     @on(DataTable.RowHighlighted, "#models")
     def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
-        self.refresh_bindings()
+        self._update_bindings()
 
     @on(DataTable.HeaderSelected, "#models")
     def _header_selected(self, event: DataTable.HeaderSelected) -> None:
@@ -349,6 +349,11 @@ class DevmapdApp(App[int]):
         self._title_models()
 
     # -- bindings -----------------------------------------------------------------------------
+
+    def _update_bindings(self) -> None:
+        # Events keep arriving while the app shuts down, when there is no screen left to ask.
+        if self.screen_stack:
+            self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pressure":
