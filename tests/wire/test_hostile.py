@@ -56,7 +56,7 @@ def test_oversized_length_prefix_is_refused_before_the_body(wired: WireDaemon) -
         s.sendall(struct.pack(">I", 0xFFFFFFF0))     # 4 GiB announced, nothing follows
         r = read_reply(s)
         assert r["error"]["code"] == "too_large" and "exceeds the limit" in r["error"]["message"]
-        assert time.monotonic() - start < 2          # it did not wait for (or allocate) a body
+        assert time.monotonic() - start < 3          # it did not wait for (or allocate) a body
         assert_eof(s, 5)
     still_serves(wired)
 
@@ -181,12 +181,14 @@ def test_release_gives_the_lease_back_on_a_live_connection(wired: WireDaemon) ->
 def test_idle_connection_is_closed_but_a_holder_is_not(wired: WireDaemon) -> None:
     """idle_timeout_s is 2.5 s here; a connection holding a lease is a live user: kept."""
     idle = wired.raw()
+    opened = time.monotonic()
     holder = wired.raw()
     try:
         holder.sendall(frame(P.request(1, "fetch", {"name": "small"})))
         assert read_reply(holder)["ok"]
-        took = assert_eof(idle, 10)
-        assert 1.5 < took < 6, took
+        assert_eof(idle, 15)
+        took = time.monotonic() - opened
+        assert 2.0 < took < 10, took
         time.sleep(0.5)
         holder.sendall(frame(P.request(2, "hello")))
         assert read_reply(holder)["ok"]

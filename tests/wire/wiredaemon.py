@@ -93,6 +93,7 @@ class WireDaemon:
         self.models: dict[str, dict[str, Any]] = {}
         self.leases: dict[int, str] = {}
         self.double_releases = 0
+        self.inflight = 0            # slow fetches in progress (a test kills a client mid-fetch)
         self.subscribers: list[asyncio.Queue] = []
         self.lease_ids = itertools.count(1)
         self.server: Server | None = None
@@ -119,6 +120,7 @@ class WireDaemon:
                 "devices": [], "models": [self._record(n) for n in self.models],
                 "wire": {"leases": len(self.leases), "double_releases": self.double_releases,
                          "subscribers": len(self.subscribers), "builder": self.builder,
+                         "inflight": self.inflight,
                          "connections": self.server.connections if self.server else 0}}
 
     def model_detail(self, name: str) -> dict:
@@ -131,7 +133,11 @@ class WireDaemon:
             raise ApiError("not_found", f"no model named {name!r} (see `devmapd status`)")
         delay = self.cfg.get("slow", {}).get(name)
         if delay:
-            await asyncio.sleep(delay)
+            self.inflight += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.inflight -= 1
         m = self.models[name]
         m["fetches"] += 1
         lease = next(self.lease_ids)
