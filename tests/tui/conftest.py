@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -105,12 +107,19 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHa
     require_serve()
     base = tmp_path_factory.mktemp("tui-shared")
     write_models(base / "models")
-    handle = start_daemon(base, model_dir=base / "models", wait=False, gpus=DEFAULT_GPUS())
+    # The socket lives where an unprivileged user can reach it (pytest's tmp dirs are 0700) and
+    # belongs to group nogroup, so the read-only test can connect as nobody.
+    sock_base = Path(tempfile.mkdtemp(prefix="devmapd-tui-"))
+    sock_base.chmod(0o755)
+    handle = start_daemon(base, model_dir=base / "models", wait=False, gpus=DEFAULT_GPUS(),
+                          socket=str(sock_base / "run" / "devmapd.sock"),
+                          extra_config='[server]\nsocket_group = "nogroup"\n')
     try:
         wait_answering(handle)
         yield handle
     finally:
         handle.stop()
+        shutil.rmtree(sock_base, ignore_errors=True)
 
 
 def DEFAULT_GPUS() -> list[dict[str, Any]]:

@@ -199,3 +199,32 @@ async def test_recovers_after_the_daemon_restarts(live_daemon):
         await in_thread(again.wait_model, "big")
         await wait_until(pilot, lambda: record(app, "big").get("state") == "ready")
         assert "reconnected" in log_text(app)
+
+
+async def test_non_operator_sees_actions_disabled_with_the_reason(shared_daemon):
+    """The dashboard run as uid 65534 (nobody) against the real daemon: connected, read-only."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    handle = shared_daemon
+    await in_thread(handle.wait_model, "big")
+    before = {m["name"]: (m["pinned"], m["state"]) for m in (await in_thread(handle.status))["models"]}
+    probe = Path(__file__).with_name("readonly_probe.py")
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            sys.executable, str(probe), handle.socket]
+    done = await in_thread(subprocess.run, argv, capture_output=True, text=True, timeout=90,
+                           cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TERM": "xterm"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in seen, seen
+    assert seen["operator"] is False and seen["uid"] == 65534
+    assert seen["checks"] == {"remap": None, "pin": None, "evict": None, "reload": None, "help": True}
+    assert seen["modal_opened"] is False
+    assert "read-only" in seen["header"]
+    assert "uid 65534 is not a devmapd operator" in seen["detail"]
+    assert "remap/pin/evict/reload are disabled" in seen["log"]
+    after = {m["name"]: (m["pinned"], m["state"]) for m in (await in_thread(handle.status))["models"]}
+    assert after == before
