@@ -1,0 +1,39 @@
+"""Daemon cold load: ``devmapd.checkpoint.read`` into a sealed arena vs memcpy vs torch.load.
+
+The page cache is warm, so the limit is memory bandwidth and page faults of the fresh
+destination: one ``memcpy`` from a mapping of the cached file into freshly allocated memory is
+the physical limit the arena fill is held to (issue 6: at least 0.7x its rate).
+"""
+from __future__ import annotations
+
+from benchmarks.common import median, run_child, warm
+from benchmarks.env import Env
+from benchmarks.report import Row, fmt_b, fmt_s
+from benchmarks.workers import cold_once
+
+TARGET = 0.7
+METHODS = ("devmapd", "memcpy", "torch.load")
+
+
+def run(env: Env) -> list[Row]:
+    path = env.models / "big.pt"
+    warm(path)
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for _ in range(env.profile.cold_repeats):
+        for m in METHODS:
+            runs[m].append(run_child(cold_once, m, str(path)))
+    rate = {m: median(r["bytes"] / r["s"] for r in rs) for m, rs in runs.items()}
+    secs = {m: median(r["s"] for r in rs) for m, rs in runs.items()}
+    size = fmt_b(runs["devmapd"][0]["bytes"])
+    gbs = lambda r: f"{r / (1 << 30):.2f} GiB/s"   # noqa: E731
+    data = {"rates_Bps": rate, "seconds": secs, "runs": runs}
+    return [
+        Row(section=f"cold load {size}", metric="checkpoint.read rate vs memcpy into fresh memory",
+            devmapd=f"{gbs(rate['devmapd'])} ({fmt_s(secs['devmapd'])})",
+            peer=f"memcpy {gbs(rate['memcpy'])} ({fmt_s(secs['memcpy'])})",
+            ratio=rate["devmapd"] / rate["memcpy"], ratio_means="devmapd rate / memcpy rate",
+            target=(">=", TARGET), data=data),
+        Row(section=f"cold load {size}", metric="checkpoint.read rate vs torch.load",
+            devmapd=f"{gbs(rate['devmapd'])}", peer=f"torch.load {gbs(rate['torch.load'])} ({fmt_s(secs['torch.load'])})",
+            ratio=rate["devmapd"] / rate["torch.load"], ratio_means="devmapd rate / torch.load rate", data=data),
+    ]

@@ -1,0 +1,138 @@
+"""The code that runs inside fresh measured processes (forked from the forkserver).
+
+Module-level functions only (they are pickled by name). Imports here are exactly what a user's
+script has done before its first load: torch, numpy, safetensors.torch and the ``devmapd`` package
+(whose client module is itself imported lazily, on the first ``devmapd.load``, inside the timed
+region as for a user).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+import devmapd
+
+METHODS = ("devmapd", "torch.load", "torch.load(mmap)", "safetensors")
+
+
+def _load(method: str, path: str, name: str, socket: str) -> Any:
+    if method == "devmapd":
+        return devmapd.load(name, socket=socket)
+    if method == "devmapd(gc paused)":
+        # Diagnostic only (not a peer): the same call with Python's cyclic GC paused around it,
+        # to show what a GC pause over the whole client fetch path would be worth.
+        import gc
+        gc.disable()
+        try:
+            return devmapd.load(name, socket=socket)
+        finally:
+            gc.enable()
+    if method == "torch.load":
+        return torch.load(path, weights_only=True)
+    if method == "torch.load(mmap)":
+        return torch.load(path, mmap=True, weights_only=True)
+    if method == "safetensors":
+        return safetensors.torch.load_file(path)
+    raise ValueError(method)
+
+
+def _touch(sd: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Read every byte: a sum over each tensor. Returns (checksum, bytes read)."""
+    total, nbytes = 0.0, 0
+    for t in sd.values():
+        total += float(t.sum())
+        nbytes += t.numel() * t.element_size()
+    return total, nbytes
+
+
+def _import_client() -> float:
+    """Import what ``import devmapd`` defers (the client, the arena code); returns the seconds.
+
+    torch.load's code is imported with torch; devmapd's client is imported lazily on first use
+    (so the CLI starts fast). Importing it before the clock starts compares like with like; its
+    one-off cost per process is reported separately."""
+    t0 = time.perf_counter()
+    import devmapd.arena    # noqa: F401
+    import devmapd.client   # noqa: F401
+    return time.perf_counter() - t0
+
+
+def fetch_once(method: str, path: str, name: str, socket: str) -> dict[str, Any]:
+    """One user process: load once, then read every byte. Times from the call, not from exec."""
+    import_s = _import_client() if method.startswith("devmapd") else 0.0
+    t0 = time.perf_counter()
+    sd = _load(method, path, name, socket)
+    t1 = time.perf_counter()
+    checksum, nbytes = _touch(sd)
+    t2 = time.perf_counter()
+    out = {"method": method, "tensors_s": t1 - t0, "touch_s": t2 - t0, "n": len(sd), "bytes": nbytes,
+           "checksum": checksum, "import_s": import_s}
+    if method == "devmapd":
+        # For the analysis only: a second load in the same process (connection open, modules imported).
+        t3 = time.perf_counter()
+        devmapd.load(name, socket=socket)
+        out["second_call_s"] = time.perf_counter() - t3
+    return out
+
+
+def hold(method: str, path: str, name: str, socket: str, conn: Any) -> None:
+    """A process that holds a model (every byte read) until told to exit; PSS is read meanwhile."""
+    if method == "devmapd":
+        _import_client()    # code, not model: part of the "before" baseline
+    conn.send(("started", os.getpid()))
+    assert conn.recv() == "go"
+    sd = _load(method, path, name, socket)
+    checksum, nbytes = _touch(sd)
+    conn.send(("holding", {"checksum": checksum, "bytes": nbytes}))
+    conn.recv()        # "exit"; sd stays alive until here
+    del sd
+
+
+def cold_once(method: str, path: str) -> dict[str, Any]:
+    """Read one checkpoint from a warm page cache into fresh memory, one way."""
+    if method == "devmapd":
+        from devmapd import checkpoint   # the daemon has it imported before any load
+        t0 = time.perf_counter()
+        lm = checkpoint.read(path)
+        dt = time.perf_counter() - t0
+        nbytes = sum(s.nbytes for s in lm.segments)
+        for s in lm.segments:
+            s.close()
+        return {"s": dt, "bytes": nbytes, "tensors": lm.inspection.tensors, "payload": lm.inspection.bytes}
+    if method == "memcpy":
+        # The physical limit: one memcpy from the page cache (a read-only mapping of the file)
+        # into a freshly allocated buffer, page faults of the fresh memory included.
+        # The source mapping is populated before the clock starts (its page-table faults are an
+        # artefact of mapping the file here, not part of copying bytes).
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        src = np.frombuffer(mm, dtype=np.uint8)
+        t0 = time.perf_counter()
+        dst = np.empty(size, dtype=np.uint8)
+        np.copyto(dst, src)
+        dt = time.perf_counter() - t0
+        del src, dst
+        mm.close()
+        return {"s": dt, "bytes": size}
+    if method == "torch.load":
+        t0 = time.perf_counter()
+        sd = torch.load(path, weights_only=True)
+        dt = time.perf_counter() - t0
+        return {"s": dt, "bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+    raise ValueError(method)
+
+
+def idle_python_rss() -> dict[str, int]:
+    """RSS of a bare interpreter that has imported torch (the floor any torch daemon pays)."""
+    from benchmarks.common import status_fields
+    return status_fields(os.getpid())
