@@ -74,6 +74,9 @@ class Scan:
     models: dict[str, ModelSource]
     problems: dict[str, str] = field(default_factory=dict)   # relpath -> why it is not a model
     pending: dict[str, str] = field(default_factory=dict)    # model name -> why it is not complete yet
+    # name -> fingerprint for "file" models, from the stat the scan did anyway (equal to
+    # fingerprint(source) at scan time); saves a second stat per file on big directories.
+    fingerprints: dict[str, tuple] = field(default_factory=dict)
 
 
 class NameError_(ValueError):
@@ -130,6 +133,7 @@ class _Listing:
     markers: list[str] = field(default_factory=list)      # config.json / *.index.json (regular, inside)
     temps: list[str] = field(default_factory=list)        # temporary names (not dot-files)
     subdirs: list[str] = field(default_factory=list)      # real directories worth descending into
+    stats: dict[str, os.stat_result] = field(default_factory=dict)  # weight file -> stat (links followed)
     problems: dict[str, str] = field(default_factory=dict)
 
     def winners(self) -> dict[str, str]:
@@ -193,6 +197,7 @@ def _list_dir(abs_dir: str, rel_dir: str, root_real: str) -> _Listing:
         elif is_weight:
             stem, suffix = weight_stem(name)  # type: ignore[misc]
             out.weights.setdefault(stem, []).append((name, suffix.lower()))
+            out.stats[name] = st if stat_mod.S_ISLNK(lst.st_mode) else lst
     out.subdirs.sort()
     return out
 
@@ -256,6 +261,7 @@ def scan_all(model_dir: Path | str) -> Scan:
     models: dict[str, ModelSource] = {}
     problems: dict[str, str] = {}
     pending: dict[str, str] = {}
+    fps: dict[str, tuple] = {}
     stack: list[tuple[str, str]] = [(root, "")]
     while stack:
         abs_dir, rel_dir = stack.pop()
@@ -284,11 +290,13 @@ def scan_all(model_dir: Path | str) -> Scan:
                                                        "used — rename or remove one of them")
             p = Path(abs_dir, chosen)
             models[name] = ModelSource(name=name, path=p, kind="file", files=(p,))
+            st = listing.stats[chosen]
+            fps[name] = ((chosen, st.st_size, st.st_mtime_ns, st.st_ino),)
         # Reverse order on a LIFO stack = subdirectories visited in sorted order.
         for d in reversed(listing.subdirs):
             stack.append((os.path.join(abs_dir, d), _join(rel_dir, d)))
     return Scan(models=dict(sorted(models.items())), problems=dict(sorted(problems.items())),
-                pending=pending)
+                pending=pending, fingerprints=fps)
 
 
 def scan(model_dir: Path | str) -> dict[str, ModelSource]:

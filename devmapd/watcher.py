@@ -321,8 +321,9 @@ class ModelWatcher:
 
     def _want_scan(self, t: float) -> None:
         # Coalesce a burst into one reconcile, and space reconciles by 10x their own cost so that
-        # a directory with many entries under constant change is not rescanned back to back.
-        gap = min(1.0, 10 * self._last_scan_cost)
+        # a directory with many entries under constant change is not rescanned back to back
+        # (scanning stays under ~10% of a core; a huge directory announces a little later).
+        gap = min(5.0, 10 * self._last_scan_cost)
         self._scan_at = min(self._scan_at, max(t + self._coalesce_s, self._last_scan_end + gap))
 
     def _note(self, event: FileSystemEvent, t: float) -> None:
@@ -404,7 +405,7 @@ class ModelWatcher:
         wall = time.time()
         for name, src in result.models.items():
             try:
-                fp = names.fingerprint(src)
+                fp = result.fingerprints.get(name) or names.fingerprint(src)
             except OSError:
                 wake = min(wake, now + max(self._coalesce_s, 0.05))  # changing under us: look again soon
                 continue

@@ -155,6 +155,11 @@ def test_fifo_device_and_escaping_symlinks_are_refused_without_blocking(tmp_path
         with pytest.raises(names.NameError_):
             run_with_timeout(lambda: names.source_for(root, bad))
     assert names.source_for(root, "alias").path == root / "alias.pt"
+    # the scan's own fingerprints (file models) are exactly fingerprint(source), links followed
+    assert set(scan.fingerprints) == {"alias", "good"}
+    for name, fp in scan.fingerprints.items():
+        assert fp == names.fingerprint(scan.models[name])
+    assert scan.fingerprints["alias"][0][1:] == scan.fingerprints["good"][0][1:]
 
 
 def test_source_for_rejects_malformed_and_escaping_names(tmp_path: Path):
