@@ -126,12 +126,12 @@ class AccessPolicy:
         if operator_op:
             if peer.operator:
                 return None
-            return (f"uid {peer.uid} may not {op}: it is not in the operators list "
+            return (f"{op} refused: uid {peer.uid} is not in the operators list "
                     "(config server.operator_uids/operator_groups; root is always an operator)")
         if peer.operator or self.can_fetch(peer.uid, peer.gid, peer.groups):
             return None
-        return (f"uid {peer.uid} may not {op}: it is not in the fetch list "
-                "(config server.fetch_uids/fetch_groups)")
+        return (f"{op} refused: uid {peer.uid} is not in the fetch list "
+                "(config server.fetch_uids/fetch_groups; operators may always fetch)")
 
 
 def identify(sock: socket.socket, policy: AccessPolicy) -> Peer:
