@@ -135,8 +135,10 @@ class ModelWatcher:
         self.settle_s = float(settle_s)
         self.rescan_interval_s = float(rescan_interval_s)
         self.force_polling = force_polling
-        # Polling notices a change only at the next poll; no point polling faster than we settle.
-        self.poll_interval_s = poll_interval_s if poll_interval_s is not None else min(1.0, max(0.05, settle_s / 2))
+        # Polling stats the whole tree every interval: no faster than we settle (a change is not
+        # announced sooner anyway), and at most 2 s so a fallback stays responsive.
+        self.poll_interval_s = (poll_interval_s if poll_interval_s is not None
+                                else max(0.05, min(2.0, self.settle_s)))
         self.close_timeout_s = close_timeout_s if close_timeout_s is not None else max(30.0, 10 * settle_s)
         self.incomplete_timeout_s = (incomplete_timeout_s if incomplete_timeout_s is not None
                                      else max(300.0, 60 * settle_s))
