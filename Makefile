@@ -29,5 +29,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
+# Install the systemd service from this venv (see README, Operations). ARGS=--dry-run to preview.
+install-service: $(STAMP)
+	sudo $(BIN)/devmapd install-service $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     p = sub.add_parser("install-service", help="install the systemd service (see README, Operations)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    from .install import add_arguments
+
+    add_arguments(p)
     return parser
 
 
@@ -96,6 +98,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             changes["log_level"] = args.log_level
         if args.socket:
             changes["server"] = dataclasses.replace(c.server, socket=args.socket)
+        elif os.geteuid() != 0 and c.server.socket == configmod.ServerConfig().socket:
+            # A user's own daemon cannot create /run/devmapd: use the per-user path clients look at.
+            from .client import default_socket
+
+            changes["server"] = dataclasses.replace(c.server, socket=default_socket())
         if args.simulate:
             changes["devices"] = dataclasses.replace(c.devices, simulate=os.path.abspath(args.simulate),
                                                      backend="simulated")
@@ -204,9 +211,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from .install import main as install_main
+    from .install import run
 
-    return install_main(args.rest)
+    return run(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

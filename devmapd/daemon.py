@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket as socketlib
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,7 @@ class Daemon:
         self._load_queue: asyncio.Queue[str] | None = None
         self._queued: set[str] = set()
         self._forced: dict[str, str] = {}  # name -> device a pressure move is taking it to
+        self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._signals = 0
@@ -396,8 +398,8 @@ class Daemon:
             rec.lazy = bool(rule and rule.preload == "lazy")
             self.registry.add(rec)
         else:
-            if rec.fingerprint == event.fingerprint and rec.state in ("ready", "loading", "queued"):
-                return  # nothing changed (a rescan re-announcing a known file)
+            if rec.fingerprint == event.fingerprint:
+                return  # nothing changed (a rescan re-announcing a known file): keep its state
             rec.source, rec.path, rec.fingerprint = source, str(source.path), event.fingerprint
             log.info("%s: file changed; loading the new version (the current one keeps serving)", rec.name)
         if rec.lazy and rec.serving is None:
@@ -442,9 +444,13 @@ class Daemon:
                 if rec is not None and name in self.registry:
                     self.registry.transition(rec, "failed", f"{name}: failed: {exc}", error=str(exc), progress=None)
             finally:
-                done = self._pending.pop(name, None)
-                if done is not None and name not in self._queued:
-                    done.set()
+                # Wake fetches waiting for this model, unless it was queued again meanwhile
+                # (then they wait for that attempt, which will set the same event).
+                if name not in self._queued:
+                    done = self._pending.pop(name, None)
+                    if done is not None:
+                        done.set()
+                self._on_demand.discard(name)
 
     async def _next_to_load(self) -> str:
         """Bigger-first (or by name) among what is queued right now."""
@@ -486,7 +492,8 @@ class Daemon:
     async def _load(self, rec: ModelRecord) -> None:
         name = rec.name
         self.registry.transition(rec, "loading", f"{name}: inspecting {rec.path}", progress=0.0, error=None)
-        insp = await asyncio.to_thread(checkpoint.inspect, rec.path)
+        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path,
+                                       allowed_globals=self.cfg.safety.allowed_globals)
         if self.registry.get(name) is not rec:
             return  # removed while we inspected
         rec.inspection = insp
@@ -494,6 +501,10 @@ class Daemon:
             self._fail(rec, insp.diagnosis)
             return
         placement = self._place(rec, insp)
+        if placement.kind == "deferred" and name in self._on_demand and insp.bytes < self._host_free():
+            # "Beyond the host cap, models stay registered and load on first fetch": a fetch is waiting.
+            placement = planner.Placement(name=name, kind="cpu", devices=(("cpu", insp.bytes),),
+                                          reason=f"loaded on demand past the host memory cap ({placement.reason})")
         if placement.kind == "deferred":
             self.registry.transition(rec, "queued", f"{name}: not loaded now: {placement.reason}",
                                      reason=placement.reason, progress=None)
@@ -739,6 +750,7 @@ class Daemon:
         if rec.serving is None:
             if rec.state == "failed" and rec.diagnosis is not None:
                 raise ApiError("unavailable", f"{name} failed to load: {rec.diagnosis.message}")
+            self._on_demand.add(name)
             if rec.name not in self._queued and rec.state != "loading":
                 self._enqueue(rec, f"{name}: loading on first fetch")
             event = self._pending.setdefault(name, asyncio.Event())
@@ -756,7 +768,8 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.observe_fetch(name, time.perf_counter() - started)
         self.registry.changed(rec, f"{name}: fetched by pid {getattr(peer, 'pid', '?')} (uid {getattr(peer, 'uid', '?')})")
-        return FetchGrant(manifest=version.manifest, fds=version.fds, lease=lease, model=rec.to_status())
+        return FetchGrant(manifest=version.manifest_for_client(), fds=version.fds, lease=lease,
+                          model=rec.to_status())
 
     def release(self, lease: Any) -> None:
         held = self._leases.pop(lease, None)
@@ -846,4 +859,14 @@ def serve(cfg: Config, *, config_path: str | None = None,
     from .systemd import listen_fds
 
     listened = listen_fds()
-    return asyncio.run(Daemon(cfg, config_path=config_path, overrides=overrides, listened=listened).run())
+    daemon = Daemon(cfg, config_path=config_path, overrides=overrides, listened=listened)
+    runner = asyncio.Runner()
+    code = runner.run(daemon.run())
+    if threading.active_count() > 1:
+        # A read still running in a worker thread (SIGTERM mid-load of a big file) would hold
+        # the interpreter's exit until it finishes; its result is unwanted and everything it
+        # holds is memory that dies with us, so leave now and keep the stop prompt.
+        logging.shutdown()
+        os._exit(code)
+    runner.close()
+    return code

@@ -42,6 +42,19 @@ class ServedVersion:
     def fds(self) -> list[int | None]:
         return [seg.fd if seg is not None else None for seg in self.segments]
 
+    def manifest_for_client(self) -> Manifest:
+        """The manifest one fetch sends: GPU segments get a fresh CUDA IPC export each.
+
+        torch's producer-side ref counting keeps an exported block alive until its
+        importer releases it, even after we drop the buffer (eviction, demotion).
+        """
+        if not self.gpu_segments:
+            return self.manifest
+        from . import cuda_share
+
+        manifest, _payloads = cuda_share.manifest_for_client(self.manifest, self.gpu_segments)
+        return manifest
+
     @property
     def nbytes(self) -> int:
         return sum(self.placement.values())
@@ -102,8 +115,9 @@ def load_version(
             assert sealed is not None
             gpu = cuda_share.GpuSegment.upload(sealed, index)
             gpu_segments[i] = gpu
-            infos[i] = dataclasses.replace(info, kind="cuda-ipc", ipc=gpu.export(),
-                                           device_uuid=gpu.export().get("device_uuid"))
+            # No IPC export here: each export takes one torch ref-counter slot that exactly one
+            # consumer gives back, so the daemon exports once per fetch (manifest_for_client).
+            infos[i] = dataclasses.replace(info, kind="cuda-ipc", ipc=None, device_uuid=gpu.device_uuid)
             if not keep_host_copy:
                 sealed.close()
                 segments[i] = None

@@ -257,3 +257,36 @@ def test_sighup_with_broken_config_keeps_running_and_sigterm_exits_cleanly(daemo
     started = time.monotonic()
     assert d.stop() == 0
     assert time.monotonic() - started < 10
+
+
+def test_host_cap_and_lazy_rules_load_on_first_fetch(daemon_factory) -> None:
+    # No GPU room at all (reserve eats it), a 3 MiB host cap, and a lazy rule for "eval/*".
+    d = daemon_factory(gpus=[sim_gpu(0, 64)], reserve_mib=64, low_mib=0, high_mib=0,
+                       extra_config='[[rules]]\nmatch = "eval/*"\npreload = "lazy"\n')
+    text = d.config_file.read_text().replace("[placement]\n", "[placement]\nhost_memory_cap_mib = 3\n")
+    d.config_file.write_text(text)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "config reloaded" in d.log()
+    first, second = state_dict(2, seed=12), state_dict(2, seed=13)
+    drop(d.model_dir, "first.pt", first)
+    d.wait_model("first")
+    drop(d.model_dir, "second.pt", second)
+    deferred = d.wait_for(lambda st: next((m for m in st["models"] if m["name"] == "second"
+                                           and m["state"] == "queued" and m["reason"]), None),
+                          what="second deferred by the host cap")
+    assert "cap" in deferred["reason"] or "host" in deferred["reason"], deferred["reason"]
+    assert_same(fetch(d, "second"), second)  # loads on first fetch
+    assert "on demand" in d.model("second")["reason"]
+
+    lazy = state_dict(0.5, seed=14)
+    drop(d.model_dir, "eval/probe.pt", lazy)
+    model = d.wait_for(lambda st: next((m for m in st["models"] if m["name"] == "eval/probe"), None),
+                       what="the lazy model registered")
+    time.sleep(0.5)
+    model = d.model("eval/probe")
+    assert model["state"] == "queued" and model["lazy"] and model["placement"] == {}
+    assert_same(fetch(d, "eval/probe"), lazy)
+    assert d.model("eval/probe")["state"] == "ready"
