@@ -108,7 +108,8 @@ class Server:
                  write_timeout_s: float = 30.0, event_timeout_s: float = 5.0,
                  max_conns_per_uid: int = 64, max_conns: int = 1024):
         self.api = api
-        self.path = os.path.abspath(path) if path else ""
+        # An abstract socket name (leading NUL, possible with socket activation) is not a path.
+        self.path = os.path.abspath(path) if path and not path.startswith("\0") else (path or "")
         self.policy = policy or AccessPolicy()
         self.socket_mode = socket_mode
         self.socket_gid = _group_id(socket_group)
@@ -299,6 +300,9 @@ class Server:
                 sock.close()
 
     def _admit(self, sock: socket.socket) -> None:
+        if self._closing:
+            sock.close()
+            return
         sock.setblocking(False)
         try:
             peer = identify(sock, self.policy)
