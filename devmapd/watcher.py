@@ -261,19 +261,24 @@ class ModelWatcher:
         """Restart watchdog if it died (the model dir was removed and recreated, an emitter thread
         failed): the scans keep us correct meanwhile, events keep us prompt."""
         obs = self._observer
-        if obs is None or self._stopping:
+        if self._stopping or not self._started:
             return
-        if obs.is_alive() and all(e.is_alive() for e in list(obs.emitters)):
+        if obs is not None and obs.is_alive() and all(e.is_alive() for e in list(obs.emitters)):
             return
         if not os.path.isdir(self._root):
             return
         log.warning("the %s observer of %s stopped; starting a new one", self.backend, self._root)
+        if obs is not None:
+            try:
+                obs.stop()
+            except Exception:
+                pass
+            self._observer = None
         try:
-            obs.stop()
-        except Exception:
-            pass
-        self._observer = None
-        self._start_observer()
+            self._start_observer()
+        except Exception as e:  # keep scanning; try again at the next reconcile
+            log.warning("cannot watch %s (%s); relying on rescans every %.0fs until it works",
+                        self._root, e, self.rescan_interval_s)
 
     # ------------------------------------------------------------------ worker
     def _next_due(self) -> float:
