@@ -89,6 +89,7 @@ class ReadOptions:
     max_tensors: int = 1_000_000
     memory_limit: int | None = None   # refuse (out_of_memory) before allocating more than this
     threads: int = 4                  # parallel shard reads
+    root: str | None = None           # refuse files whose opened inode lies outside this directory
 
 
 @dataclass
@@ -154,6 +155,7 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
         for name in names:
             shown = os.path.join(path, os.path.basename(name))
             opened.append(open_file(os.path.realpath(name), shown))
+            _check_inside(opened[-1], opts.root)
 
         def one(i: int) -> Parsed:
             return _parse_file(opened[i], opts, locate, _Guess())
@@ -165,7 +167,25 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
             parts = [one(i) for i in range(len(opened))]
         return _merge_shards(path, parts, opened)
     opened.append(open_file(real, path))
+    _check_inside(opened[0], opts.root)
     return _parse_file(opened[0], opts, locate, guess)
+
+
+def _check_inside(f: OpenedFile, root: str | None) -> None:
+    """The file we actually opened (not the name we resolved) must lie inside ``root``.
+
+    A symlink the watcher accepted can be repointed before the read; /proc/self/fd/N names
+    the inode the kernel gave us, so checking it closes that window.
+    """
+    if root is None:
+        return
+    real_root = os.path.realpath(root)
+    try:
+        opened_at = os.readlink(f"/proc/self/fd/{f.fd}")
+    except OSError:
+        return  # no /proc: the resolved-path check done at scan time is all we have
+    if os.path.commonpath([opened_at, real_root]) != real_root:
+        raise diagnose.outside_model_dir(f.path, opened_at, real_root)
 
 
 def _merge_shards(path: str, parts: list[Parsed], opened: list[OpenedFile]) -> Parsed:

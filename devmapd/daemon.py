@@ -81,7 +81,6 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._signals = 0
-        self._scan_problems: dict[str, str] = {}
         self.registry.listen(self._fan_out)
 
     # ------------------------------------------------------------------ lifecycle
@@ -347,7 +346,11 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "warning": snap.warning if snap else None,
                 "watcher": getattr(self.watcher, "backend", None),
-                "problems": dict(self._scan_problems),
+                "watcher_fallback": getattr(self.watcher, "fallback_reason", None),
+                # Files in the model dir that are not served, and why (escaping symlinks, FIFOs,
+                # name clashes); HF directories still waiting for shards.
+                "problems": dict(getattr(self.watcher, "problems", None) or {}),
+                "pending": {str(k): str(v) for k, v in (getattr(self.watcher, "pending", None) or {}).items()},
             },
             "devices": self._device_status(),
             "models": [rec.to_status() for rec in self.registry.records()],
@@ -487,6 +490,7 @@ class Daemon:
             max_header_bytes=s.max_header_mib * MIB,
             max_tensors=s.max_tensors,
             memory_limit=host_free,
+            root=str(self.model_dir),
         )
 
     async def _load(self, rec: ModelRecord) -> None:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 CODES = (
     "device_mismatch", "out_of_memory", "corrupt", "truncated", "not_a_checkpoint", "empty",
     "unsafe_pickle", "permission_denied", "unsupported_format", "changed_during_read",
-    "too_large", "not_found", "io_error",
-)
+    "too_large", "not_found", "io_error", "outside_model_dir")
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,11 @@ def not_a_checkpoint(path, what: str | None = None, detail: str | None = None) -
     what = what or "not a PyTorch checkpoint (invalid magic number)"
     return error("not_a_checkpoint", f"{_name(path)} is {what}; put only files written by torch.save or "
                                      "safetensors in the model directory.", detail)
+
+
+def outside_model_dir(path, real: str, root: str) -> CheckpointError:
+    return error("outside_model_dir", f"{_name(path)} resolves to {real}, outside the model directory {root}; "
+                                      "devmapd serves only files inside it: copy the file in instead of linking it.")
 
 
 def unsupported(path, what: str, fix: str, detail: str | None = None) -> CheckpointError:

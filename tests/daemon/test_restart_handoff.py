@@ -92,8 +92,10 @@ def test_fd_store_round_trip_serves_after_restart_without_reading_the_disk(tmp_p
     first = start_daemon(tmp_path, name="one", env=env)
     try:
         weights = {"layers.0.weight": torch.randn(256, 256), "layers.1.weight": torch.randn(256)}
-        torch.save(weights, first.model_dir / "m.pt")
-        torch.save({"x": torch.ones(3)}, first.model_dir / "gone.pt")
+        torch.save(weights, first.model_dir / "m.tmp")  # rename into place: one version only
+        os.replace(first.model_dir / "m.tmp", first.model_dir / "m.pt")
+        torch.save({"x": torch.ones(3)}, first.model_dir / "gone.tmp")
+        os.replace(first.model_dir / "gone.tmp", first.model_dir / "gone.pt")
         first.wait_model("m")
         first.wait_model("gone")
         systemd.pump(1.0)
@@ -116,7 +118,7 @@ def test_fd_store_round_trip_serves_after_restart_without_reading_the_disk(tmp_p
                           listen_fds=[(name, fd) for name, fd in handed])
     try:
         model = second.wait_model("m", timeout=10)
-        assert "restored from the systemd fd store" in model["reason"]
+        assert "restored from the systemd fd store" in model["reason"], second.log()[-3000:]
         with second.client() as c:
             fetched = c.fetch("m")
         for key, value in weights.items():
