@@ -406,7 +406,10 @@ def run_demo(argv: list[str] | None = None) -> int:
             return run_headless(daemon, args.exit_after)
         from devmapd_tui.app import DevmapdApp
 
-        app = DevmapdApp(daemon.socket, demo=DemoControl(info))
+        # The app turns SIGTERM/SIGHUP into a normal exit itself (an exception raised from our
+        # handler inside Textual would skip its terminal shutdown); this function's `finally`
+        # then stops the daemon and removes the files.
+        app = DevmapdApp(daemon.socket, demo=DemoControl(info), handle_signals=True)
         if args.exit_after is not None:
             timer = threading.Timer(args.exit_after, lambda: app.call_from_thread(app.exit))
             timer.daemon = True

@@ -7,6 +7,8 @@ workers through devmapd.client and report results and refusals into the event lo
 """
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,6 +32,7 @@ from .widgets import (
 )
 
 ACTIONS_NEEDING_OPERATOR = ("remap", "pin", "evict", "reload")
+MOVES = ("demoted", "promoted", "remapped", "pinned")
 
 
 class DemoHooks(Protocol):
@@ -75,7 +78,7 @@ class DevmapdApp(App[int]):
     def __init__(self, socket: str | None = None, *, client_factory: ClientFactory | None = None,
                  clock: Callable[[], float] = time.time, demo: DemoHooks | None = None,
                  refresh_s: float = 8.0, time_format: Callable[[float], str] = local_time,
-                 retry_backoff: tuple[float, ...] | None = None) -> None:
+                 retry_backoff: tuple[float, ...] | None = None, handle_signals: bool = False) -> None:
         super().__init__()
         self.socket = socket
         self.factory = client_factory or default_factory(socket)
@@ -84,6 +87,8 @@ class DevmapdApp(App[int]):
         self.refresh_s = refresh_s
         self.time_format = time_format
         self.retry_backoff = retry_backoff
+        self.handle_signals = handle_signals
+        self._signals: list[int] = []
         self.state = DaemonState(clock)
         self.requests = Requests(self.factory)
         self.pump: EventPump | None = None
@@ -96,6 +101,7 @@ class DevmapdApp(App[int]):
         self._flush_scheduled = False
         self._details: dict[str, dict[str, Any]] = {}
         self._detail_for: str | None = None
+        self._last_move: dict[str, tuple[Any, float]] = {}
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -134,12 +140,30 @@ class DevmapdApp(App[int]):
         self._show_detail()
         self._set_banner(f"connecting to {header.socket} …", "connecting")
         self._table.focus()
+        if self.handle_signals:
+            self._install_signal_handlers()
         self.pump = EventPump(self.factory, self.post_message, self.retry_backoff)
         self.pump.start()
         self.set_interval(self.refresh_s, self._safety_refresh)
         self.set_interval(10.0, self._tick)
 
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGHUP (terminal closed) end the app the normal way. Left to Python, SIGHUP
+        kills the process without restoring the terminal, and an exception raised from a signal
+        handler skips Textual's shutdown, leaving its input thread spinning on the dead tty."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                loop.add_signal_handler(sig, self.exit)
+                self._signals.append(sig)
+            except (ValueError, RuntimeError, NotImplementedError):
+                pass   # not the main thread: the embedding program owns signals
+
     def on_unmount(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
         if self.pump is not None:
             self.pump.stop()
         self.requests.close()
@@ -225,10 +249,21 @@ class DevmapdApp(App[int]):
                 self._header.update_from()
         elif kind == "decision":
             action = event.get("action") or "decision"
+            name = str(event.get("name") or "")
+            if action in MOVES:
+                self._last_move[name] = (event.get("to"), ts)
+            elif action == "placed" and self._is_move_echo(name, event.get("to"), ts):
+                return   # the move just logged already says where it went
             text = event.get("message") or self._decision_text(event)
             log.add(ts, action, text)
         elif event.get("message"):
             log.add(ts, "info", event["message"])
+
+    def _is_move_echo(self, name: str, to: Any, ts: float) -> bool:
+        """A move (demote, promote, remap, pin) is followed by the model's "placed" decision
+        once it lands; in a log that is the same fact twice."""
+        last = self._last_move.pop(name, None)
+        return last is not None and last[0] == to and ts - last[1] < 60
 
     @staticmethod
     def _decision_text(event: dict[str, Any]) -> str:
@@ -496,7 +531,7 @@ class DevmapdApp(App[int]):
 
 def run(socket: str | None = None, *, demo: DemoHooks | None = None) -> int:
     """Entry for `devmapd tui [--socket S]` (and `devmapd demo`): returns the exit status."""
-    app = DevmapdApp(socket, demo=demo)
+    app = DevmapdApp(socket, demo=demo, handle_signals=True)
     result = app.run()
     return int(result or 0)
 

@@ -345,7 +345,7 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
     title.append(state, style=STATE_STYLE.get(state, ""))
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="grey62", no_wrap=True, width=9)
-    grid.add_column(ratio=1)
+    grid.add_column(ratio=1, overflow="fold")
 
     def row(label: str, value: str | Text, style: str = "") -> None:
         grid.add_row(label, value if isinstance(value, Text) else Text(value, style=style))
