@@ -96,3 +96,75 @@ def test_demo_headless_pressure_and_cleanup(tmp_path: Path):
     assert not (tmp_path / "devmapd-demo.json").exists()
     with pytest.raises(ProcessLookupError):
         os.kill(daemon_pid, 0)
+
+
+def test_demo_dashboard_in_a_terminal_pressure_key_and_hangup(tmp_path: Path):
+    """`devmapd demo` on a real pseudo-terminal: the dashboard draws, `x` squeezes a simulated
+    GPU (the simulate file changes), and closing the terminal (SIGHUP) stops the daemon and
+    removes every file."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    require_serve()
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "TERM": "xterm-256color",
+           "COLUMNS": "120", "LINES": "40"}
+    pid, master = pty.fork()
+    if pid == 0:   # child: exec at once (the parent has threads)
+        os.chdir(str(ROOT))
+        os.execve(sys.executable, [sys.executable, "-m", "devmapd.demo", "--tiny"], env)
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    screen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            screen.append(data)
+
+    threading.Thread(target=drain, daemon=True).start()
+    state_path = tmp_path / "devmapd-demo.json"
+
+    def wait(predicate, what: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            assert done == 0, f"demo exited early:\n{b''.join(screen)[-3000:]!r}"
+            assert time.monotonic() < deadline, f"no {what}:\n{b''.join(screen)[-3000:]!r}"
+            time.sleep(0.1)
+
+    try:
+        wait(state_path.exists, "demo state file")
+        state = json.loads(state_path.read_text())
+        wait(lambda: b"Decisions" in b"".join(screen), "dashboard on the terminal")
+        sim = Path(state["simulate"])
+        before = json.loads(sim.read_text())["gpus"]
+        time.sleep(0.5)
+        os.write(master, b"x")
+        wait(lambda: json.loads(sim.read_text())["gpus"] != before, "pressure from the x key")
+        squeezed = json.loads(sim.read_text())["gpus"]
+        assert any(g["used_by_others_mib"] > b["used_by_others_mib"] for g, b in zip(squeezed, before))
+        from devmapd.client import Client
+        with Client(state["socket"]) as client:
+            daemon_pid = client.status()["daemon"]["pid"]
+    finally:
+        os.close(master)                         # the terminal goes away: SIGHUP
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the demo did not exit after its terminal closed")
+        time.sleep(0.1)
+    assert not Path(state["workdir"]).exists()
+    assert not state_path.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(daemon_pid, 0)
