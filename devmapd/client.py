@@ -90,13 +90,29 @@ def default_socket(explicit: str | None = None) -> str:
     env = os.environ.get("DEVMAPD_SOCKET")
     if env:
         return env
+    configured = _configured_socket()
+    if configured:
+        return configured
     uid = os.geteuid()
-    if uid == 0:
+    if uid == 0 or os.path.exists(SYSTEM_SOCKET):  # the system service serves every user of the group
         return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "devmapd.sock")
     return f"/tmp/devmapd-{uid}/devmapd.sock"
+
+
+def _configured_socket() -> str | None:
+    """``server.socket`` of the system config, when one exists and is readable."""
+    from .config import DEFAULT_CONFIG_PATH, ConfigError, load
+
+    if not os.path.exists(DEFAULT_CONFIG_PATH):
+        return None
+    try:
+        cfg = load(DEFAULT_CONFIG_PATH)
+    except ConfigError:
+        return None  # the daemon reports a broken config; a client just uses the defaults
+    return cfg.server.socket
 
 
 def _connect(path: str, timeout: float) -> _socket.socket:
@@ -263,14 +279,16 @@ class Client:
             raise DevmapdError(f"the fetch reply for {name} has no manifest ({e})", "bad_reply") from None
         except arena.ArenaError as e:
             raise DevmapdError(f"cannot read the manifest of {name}: {e}", "bad_reply") from None
-        kinds = [s.kind for s in manifest.segments]
-        expected = kinds.count("memfd")
+        # A memfd segment always travels as an fd; a GPU (cuda-ipc) segment also brings its sealed
+        # host copy when the daemon keeps one, for clients that cannot import CUDA IPC handles.
+        carries_fd = [s.kind == "memfd" or bool((s.ipc or {}).get("host_copy")) for s in manifest.segments]
+        expected = sum(carries_fd)
         if len(fds) != expected:
             raise DevmapdError(f"the daemon sent {len(fds)} file descriptors for {name}, whose "
                                f"manifest has {expected} memfd segments; refusing the reply",
                                "bad_reply")
         it = iter(fds)
-        per_segment = [next(it) if k == "memfd" else None for k in kinds]
+        per_segment = [next(it) if carried else None for carried in carries_fd]
         try:
             return arena.build(manifest, per_segment, map_location)
         except arena.ArenaError as e:

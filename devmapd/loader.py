@@ -53,7 +53,12 @@ class ServedVersion:
         from . import cuda_share
 
         manifest, _payloads = cuda_share.manifest_for_client(self.manifest, self.gpu_segments)
-        return manifest
+        segments = list(manifest.segments)
+        for i, seg in enumerate(segments):
+            if seg.kind == "cuda-ipc" and self.segments[i] is not None:
+                # The host copy travels too (fds), so a client whose CUDA import fails falls back to it.
+                segments[i] = dataclasses.replace(seg, ipc={**(seg.ipc or {}), "host_copy": True})
+        return dataclasses.replace(manifest, segments=tuple(segments))
 
     @property
     def nbytes(self) -> int:

@@ -635,7 +635,9 @@ class _Conn:
                                            f"{len(segments)} segments of {name}")
             fds: list[int] = []
             for i, (seg, fd) in enumerate(zip(segments, grant.fds)):
-                if seg.kind == "memfd":
+                if seg.kind == "memfd" or (seg.ipc or {}).get("host_copy"):
+                    # memfd segments, and the sealed host copy of a GPU segment that has one
+                    # (a client whose CUDA import fails falls back to it).
                     if fd is None or fd < 0:
                         raise ApiError(P.INTERNAL, f"segment {i} of {name} is a memfd without an fd")
                     fds.append(fd)
