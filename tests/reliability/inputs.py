@@ -225,3 +225,46 @@ class OnLoading:
             pass
         self.sock.close()
         self.thread.join(5)
+
+
+# ----------------------------------------------------------------------------- another uid
+
+NOBODY = 65534
+# From docs/INTERNALS.md: uid/gid nobody; DAC_READ_SEARCH only to reach the root-owned venv.
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+ROOT = Path(__file__).resolve().parents[2]
+
+_NOBODY_SCRIPT = r"""
+import json, sys
+from devmapd.client import Client, load
+out = {}
+for op in ("hello", "status", "fetch", "load"):
+    try:
+        if op == "load":
+            load("m", socket=sys.argv[1])
+        else:
+            with Client(sys.argv[1]) as c:
+                getattr(c, op)(*(("m",) if op == "fetch" else ()))
+        out[op] = {"ok": True}
+    except Exception as e:
+        out[op] = {"ok": False, "class": type(e).__name__, "code": getattr(e, "code", None), "message": str(e)}
+print(json.dumps(out))
+"""
+
+
+def client_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEVMAPD_SOCKET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def as_nobody(socket_path: str) -> dict:
+    """hello/status/fetch("m")/load("m") from a process running as uid nobody: op -> outcome."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([*AS_NOBODY, sys.executable, "-c", _NOBODY_SCRIPT, socket_path], cwd=ROOT,
+                       env=client_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])

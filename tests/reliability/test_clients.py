@@ -8,7 +8,6 @@ asserts what the daemon must do: refuse with a reason, cut the offender off, giv
 from __future__ import annotations
 
 import array
-import json
 import os
 import random
 import signal
@@ -28,18 +27,8 @@ from tests.harness import ROOT, sim_gpu
 from tests.reliability import inputs as I
 from tests.reliability.conftest import ModelDirGuard, module_daemon
 
-NOBODY = 65534
-# From docs/INTERNALS.md: uid/gid nobody; DAC_READ_SEARCH only to reach the root-owned venv.
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
 CAP = 8
 IDLE_S = 1.5
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEVMAPD_SOCKET"}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 # ----------------------------------------------------------------------------- daemon with tight limits
@@ -74,29 +63,10 @@ def hello_ok(handle) -> None:
         assert c.hello()["pid"] == handle.proc.pid
 
 
-_NOBODY_SCRIPT = r"""
-import json, sys
-from devmapd.client import Client, load
-out = {}
-for op in ("hello", "status", "fetch", "load"):
-    try:
-        if op == "load":
-            load("m", socket=sys.argv[1])
-        else:
-            with Client(sys.argv[1]) as c:
-                getattr(c, op)(*(("m",) if op == "fetch" else ()))
-        out[op] = {"ok": True}
-    except Exception as e:
-        out[op] = {"ok": False, "class": type(e).__name__, "code": getattr(e, "code", None), "message": str(e)}
-print(json.dumps(out))
-"""
 
 
 def test_unauthorized_uid_is_refused_with_a_clear_reason(tight, tight_model) -> None:
-    r = subprocess.run([*AS_NOBODY, sys.executable, "-c", _NOBODY_SCRIPT, tight.socket], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = I.as_nobody(tight.socket)
     for op in ("hello", "status", "fetch", "load"):
         assert out[op]["ok"] is False and out[op]["class"] == "PermissionDenied", (op, out[op])
     msg = out["fetch"]["message"]
@@ -126,9 +96,7 @@ def test_connection_flood_from_one_uid_is_capped_per_uid(tight, tight_model) -> 
             assert err["code"] == "busy" and f"limit {CAP}" in err["message"], err
             assert "uid 0" in err["message"] and "max_connections_per_uid" in err["message"], err
         # Another uid still gets through to the policy (forbidden: not on fetch_uids), NOT "busy".
-        r = subprocess.run([*AS_NOBODY, sys.executable, "-c", _NOBODY_SCRIPT, tight.socket], cwd=ROOT,
-                           env=_env(), capture_output=True, text=True, timeout=120)
-        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out = I.as_nobody(tight.socket)
         assert out["hello"]["code"] == "forbidden", out["hello"]
     finally:
         for s in socks:
@@ -301,10 +269,10 @@ def test_sigkill_mid_fetch_gives_everything_back(crowd, guard: ModelDirGuard) ->
     crowd.wait_model("k")
     hello_ok(crowd)
     baseline = I.fd_count(crowd.proc.pid)
-    procs = [subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT, crowd.socket, "k"], cwd=ROOT, env=_env(),
+    procs = [subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT, crowd.socket, "k"], cwd=ROOT, env=I.client_env(),
                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
     procs += [subprocess.Popen([sys.executable, "-c", _RAW_FETCH_NO_READ, crowd.socket, "k"], cwd=ROOT,
-                               env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(3)]
+                               env=I.client_env(), stdout=subprocess.PIPE, text=True) for _ in range(3)]
     try:
         for p in procs:
             assert p.stdout.readline().strip() in ("READY", "SENT")
