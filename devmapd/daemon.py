@@ -19,6 +19,7 @@ plain diagnosis; the daemon goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -42,6 +43,7 @@ log = logging.getLogger("devmapd")
 
 MIB = 1 << 20
 SHUTDOWN_TIMEOUT_S = 10.0
+RECENT_DECISIONS = 200
 
 
 class Daemon:
@@ -73,6 +75,9 @@ class Daemon:
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, tuple[str, ServedVersion]] = {}
         self._subscribers: list[asyncio.Queue] = []
+        # The last decisions, replayed to each new subscriber so a dashboard opened late
+        # still shows why every model sits where it does.
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
         self._load_queue: asyncio.Queue[str] | None = None
         self._queued: set[str] = set()
@@ -292,6 +297,8 @@ class Daemon:
             if kind == "log":
                 level = logging.ERROR if event.get("level") == "error" else logging.INFO
             log.log(level, "%s", event.get("message", kind))
+        if kind in ("decision", "log", "removed"):
+            self._recent.append(event)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -302,6 +309,8 @@ class Daemon:
 
     def subscribe(self) -> tuple[asyncio.Queue, Any]:
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        for event in self._recent:
+            queue.put_nowait({**event, "replay": True})
         self._subscribers.append(queue)
 
         def unsubscribe() -> None:

@@ -185,6 +185,12 @@ def _sum_by_device(assign: list[tuple[str, int, str]]) -> dict[str, int]:
 
 def _result(name: str, assign: list[tuple[str, int, str]], host_id: str, reason: str) -> Placement:
     per = _sum_by_device(assign)
+    holding = [d for d, b in per.items() if b]
+    if holding and len(holding) < len(per):
+        # A device that would hold only empty groups holds nothing: reporting it (cuda:0 -> 0 B)
+        # makes a placement that the next replan cannot reproduce. Its empty groups go with the first.
+        assign = [(g, b, d if d in holding else holding[0]) for g, b, d in assign]
+        per = _sum_by_device(assign)
     if len(per) == 1:
         (dev, b), = per.items()
         return Placement(name, "cpu" if dev == host_id else "gpu", ((dev, b),), (), reason)

@@ -142,6 +142,7 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
              and not _blocked(last, m.name, DEMOTE, now, marks.cooldown_s)),
             key=lambda m: (m.last_fetch, m.name),
         )
+        observed = projected_free(dev)  # what triggered the demotions, before any of them
         for m in candidates:
             if projected_free(dev) >= marks.high:
                 break
@@ -168,9 +169,11 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
             moved.add(m.name)
             last[m.name] = LastMove(dev, target, now, DEMOTE)
             room_since.pop(m.name, None)
+            progress = "" if before == observed else f"; {fmt_bytes(before)} after earlier demotions"
             moves.append(Move(m.name, dev, target, (
-                f"{dev} free {fmt_bytes(before)} < low watermark {fmt_bytes(marks.low)}: "
-                f"least recently fetched unpinned model goes to {target} until free >= {fmt_bytes(marks.high)}")))
+                f"{dev} free {fmt_bytes(observed)} < low watermark {fmt_bytes(marks.low)}: "
+                f"least recently fetched unpinned model goes to {target} until free >= {fmt_bytes(marks.high)}"
+                f"{progress}")))
 
     # ---- promotions -------------------------------------------------------------------------
     waiting = sorted(

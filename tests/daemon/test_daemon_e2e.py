@@ -290,3 +290,26 @@ def test_host_cap_and_lazy_rules_load_on_first_fetch(daemon_factory) -> None:
     assert model["state"] == "queued" and model["lazy"] and model["placement"] == {}
     assert_same(fetch(d, "eval/probe"), lazy)
     assert d.model("eval/probe")["state"] == "ready"
+
+
+def test_a_late_subscriber_sees_recent_decisions(daemon_factory) -> None:
+    import threading
+
+    d = daemon_factory()
+    drop(d.model_dir, "early.pt", state_dict(1, seed=15))
+    d.wait_model("early")
+    seen: list[dict] = []
+
+    def listen() -> None:
+        with d.client() as c:
+            for event in c.events(reconnect=False):
+                seen.append(event)
+                if event.get("type") == "decision" and event.get("name") == "early":
+                    return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    t.join(15)
+    placed = [e for e in seen if e.get("type") == "decision" and e.get("name") == "early"]
+    assert placed and placed[0]["action"] == "placed" and placed[0]["replay"] is True
+    assert "early" in placed[0]["message"]
