@@ -78,6 +78,7 @@ class HeaderBar(Static):
         self.socket = "?"
         self.hello: dict[str, Any] = {}
         self.mode = ""
+        self._shown: str | None = None
 
     def update_from(self) -> None:
         d = self.state.daemon
@@ -105,7 +106,9 @@ class HeaderBar(Static):
         if self.mode:
             text.append(*sep)
             text.append(self.mode, style="bold green" if self.mode == "operator" else "bold yellow")
-        self.update(text)
+        if text.plain != self._shown:   # called at every device report; redraw only on change
+            self._shown = text.plain
+            self.update(text)
 
 
 def uptime_text(seconds: float) -> str:
@@ -132,8 +135,27 @@ class DevicePanel(Static):
     def __init__(self, state: DaemonState, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
         self.state = state
+        self._shown: tuple | None = None
+        self._rows = -1
+
+    def _signature(self) -> tuple:
+        """What the panel would show, at display precision: host RAM's free bytes change at
+        every poll, but a redraw is only worth it when a printed number or a bar cell moves."""
+        rows = []
+        for dev in self.state.devices:
+            split = memory_split(dev)
+            rows.append((dev.get("id"), dev.get("name"), dev.get("lost"), dev.get("error"),
+                         dev.get("simulated"), memory_bar(dev).plain, human_bytes(split.models),
+                         human_bytes(split.others), human_bytes(dev.get("free")),
+                         human_bytes(split.total), dev.get("utilization"),
+                         self.state.history.sparkline(dev.get("id", ""), 12)))
+        return tuple(rows)
 
     def update_from(self) -> None:
+        signature = self._signature()
+        if signature == self._shown:
+            return
+        self._shown = signature
         if not self.state.devices:
             self.update(Text("  no device inventory yet", style="grey50"))
             return
@@ -175,7 +197,10 @@ class DevicePanel(Static):
                 self.state.history.sparkline(dev.get("id", ""), 12),
                 flags,
             )
-        self.update(Group(table, bar_legend()))
+        # Same number of rows: no relayout of the screen needed, just a repaint of this panel.
+        same_height = self._rows == len(self.state.devices)
+        self._rows = len(self.state.devices)
+        self.update(Group(table, bar_legend()), layout=not same_height)
 
 
 # -- the models table -------------------------------------------------------------------------
