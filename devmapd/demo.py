@@ -354,11 +354,8 @@ def run_headless(daemon: DemoDaemon, exit_after: float | None) -> int:
 
 # ----------------------------------------------------------------------------- entry
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="devmapd demo",
-        description="Sample checkpoints + a daemon on two simulated GPUs + the dashboard. "
-                    "Everything is removed on exit.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, for `devmapd demo` (cli.py adds them to its subparser)."""
     parser.add_argument("--pressure", choices=("on", "off"),
                         help="raise/clear simulated GPU pressure in the demo running elsewhere")
     parser.add_argument("--no-tui", action="store_true",
@@ -370,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the demo's temporary directory (models, log) on exit")
     # Tests and CI: skip the two MiB-sized models (generating them is most of the start-up).
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devmapd demo",
+        description="Sample checkpoints + a daemon on two simulated GPUs + the dashboard. "
+                    "Everything is removed on exit.")
+    add_arguments(parser)
     return parser
 
 
@@ -378,7 +383,12 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def run_demo(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv if argv is not None else [])
+    """`devmapd demo [options]` from an argument list."""
+    return run(build_parser().parse_args(argv if argv is not None else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`devmapd demo` from parsed arguments (see add_arguments)."""
     if args.pressure:
         return pressure_command(args.pressure)
 
