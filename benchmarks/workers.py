@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import resource
 import time
 from typing import Any
 
@@ -17,6 +18,11 @@ import safetensors.torch
 import torch
 
 import devmapd
+
+try:
+    from numpy._core.multiarray import _set_madvise_hugepage
+except ImportError:   # numpy < 2
+    from numpy.core.multiarray import _set_madvise_hugepage
 
 METHODS = ("devmapd", "torch.load", "torch.load(mmap)", "safetensors")
 
@@ -63,16 +69,21 @@ def _import_client() -> float:
     return time.perf_counter() - t0
 
 
-def fetch_once(method: str, path: str, name: str, socket: str) -> dict[str, Any]:
-    """One user process: load once, then read every byte. Times from the call, not from exec."""
+def fetch_once(method: str, path: str, name: str, socket: str, touch: bool = True) -> dict[str, Any]:
+    """One user process: load once, then read every byte. Times from the call, not from exec.
+
+    Also counts the minor page faults taken while reading (how many times the kernel had to
+    map pages of the model into this process)."""
     import_s = _import_client() if method.startswith("devmapd") else 0.0
     t0 = time.perf_counter()
     sd = _load(method, path, name, socket)
     t1 = time.perf_counter()
-    checksum, nbytes = _touch(sd)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    checksum, nbytes = _touch(sd) if touch else (0.0, 0)
     t2 = time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     out = {"method": method, "tensors_s": t1 - t0, "touch_s": t2 - t0, "n": len(sd), "bytes": nbytes,
-           "checksum": checksum, "import_s": import_s}
+           "checksum": checksum, "import_s": import_s, "touch_faults": faults}
     if method == "devmapd":
         # For the analysis only: a second load in the same process (connection open, modules imported).
         t3 = time.perf_counter()
@@ -117,12 +128,32 @@ def cold_once(method: str, path: str) -> dict[str, Any]:
         finally:
             os.close(fd)
         src = np.frombuffer(mm, dtype=np.uint8)
+        # numpy madvises big buffers MADV_HUGEPAGE; a plain malloc+memcpy (and the memfd arena)
+        # gets 4 KiB pages. Huge-page faults here stall on compaction at random (0.4..3.5 GiB/s
+        # run to run on this VM), so the peer is the plain one.
+        _set_madvise_hugepage(False)
         t0 = time.perf_counter()
         dst = np.empty(size, dtype=np.uint8)
         np.copyto(dst, src)
         dt = time.perf_counter() - t0
         del src, dst
         mm.close()
+        return {"s": dt, "bytes": size}
+    if method == "sendfile":
+        # The kernel-side limit for an arena: the whole file sent into a fresh memfd in one
+        # sendfile loop (shmem pages allocated on the way), no parsing, no layout, no seals.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            t0 = time.perf_counter()
+            mfd = os.memfd_create("bench-sendfile", os.MFD_CLOEXEC)
+            pos = 0
+            while pos < size:
+                pos += os.sendfile(mfd, fd, pos, min(size - pos, 1 << 30))
+            dt = time.perf_counter() - t0
+            os.close(mfd)
+        finally:
+            os.close(fd)
         return {"s": dt, "bytes": size}
     if method == "torch.load":
         t0 = time.perf_counter()

@@ -23,8 +23,8 @@ def test_toy_run_produces_well_formed_ratios(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["profile"] == "toy" and doc["errors"] == {}
     rows = doc["rows"]
-    # 2 models x 2 metrics x 3 peers, then 2 cold-load rows
-    assert len(rows) == 14
+    # 2 models x 2 metrics x 3 peers, then the cold load vs memcpy, sendfile and torch.load
+    assert len(rows) == 15
     for r in rows:
         assert isinstance(r["ratio"], float) and math.isfinite(r["ratio"]) and r["ratio"] > 0, r
         assert r["verdict"] in ("PASS", "MISS", "info"), r
