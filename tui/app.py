@@ -447,7 +447,7 @@ class DevmapdApp(App[int]):
             text = f"could not change simulated pressure: {error_text(exc)}"
         self._event_log.add(self.clock(), "info", text)
 
-    def action_remap(self) -> None:
+    def action_remap(self, pin: bool | None = None) -> None:
         record = self._selected_record()
         if record is None:
             return
@@ -461,7 +461,7 @@ class DevmapdApp(App[int]):
             else:
                 self._run_op("remap", name, choice.device)
 
-        self.push_screen(RemapDialog(record, list(self.state.devices)), chosen)
+        self.push_screen(RemapDialog(record, list(self.state.devices), pin=pin), chosen)
 
     def action_pin(self) -> None:
         record = self._selected_record()
@@ -469,8 +469,12 @@ class DevmapdApp(App[int]):
             return
         if record.get("pinned"):
             self._run_op("unpin", record["name"])
+        elif main_device(record):
+            self._run_op("pin", record["name"], main_device(record))
         else:
-            self._run_op("pin", record["name"], main_device(record) or "cpu")
+            # Not in memory (evicted, failed, queued): "pin where it sits" means nothing, so ask
+            # where, with "pin there" already ticked.
+            self.action_remap(pin=True)
 
     def action_evict(self) -> None:
         record = self._selected_record()

@@ -52,10 +52,12 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
         Binding("p", "toggle_pin", "Toggle pin", show=False),
     ]
 
-    def __init__(self, record: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+    def __init__(self, record: dict[str, Any], devices: list[dict[str, Any]],
+                 pin: bool | None = None) -> None:
         super().__init__()
         self.record = record
         self.devices = devices
+        self.pin = bool(record.get("pinned")) if pin is None else pin
 
     def compose(self) -> ComposeResult:
         name = self.record.get("name", "?")
@@ -73,8 +75,7 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
                 options.append(Option(fit_prompt(dev, self.record), id=dev.get("id"),
                                       disabled=bool(dev.get("lost"))))
             yield OptionList(*options, id="remap-options")
-            pinned = bool(self.record.get("pinned"))
-            yield Checkbox(pin_label(pinned), id="remap-pin", value=pinned)
+            yield Checkbox(pin_label(self.pin), id="remap-pin", value=self.pin)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Remap", variant="primary", id="remap-ok")
                 yield Button("Cancel", id="remap-cancel")

@@ -119,6 +119,14 @@ async def test_pin_unpin_evict_and_reload_with_confirmation(shared_daemon):
         assert (await in_thread(handle.model, "big"))["state"] == "evicted"
         assert "evict big: accepted" in log_text(app)
 
+        # Pinning a model that is not in memory asks where, with "pin there" ticked.
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, RemapDialog), what="remap dialog")
+        assert app.screen.query_one("#remap-pin").value is True
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, RemapDialog))
+        assert (await in_thread(handle.model, "big"))["pinned"] is False
+
         await pilot.press("r")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="confirm")
         await pilot.press("y")
