@@ -7,74 +7,15 @@ FixedClient (tests/tui/fixed.py), because a snapshot must not depend on clocks o
 """
 from __future__ import annotations
 
-import asyncio
-import io
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from rich.console import Console
 
-from tests.harness import DaemonHandle, ROOT, sim_gpu, start_daemon
-
-MIB = 1 << 20
-
-
-def serve_exists() -> bool:
-    """Whether the lead's `devmapd serve` is there (the TUI cannot be tested live without it)."""
-    probe = subprocess.run([sys.executable, "-m", "devmapd", "serve", "--help"], cwd=str(ROOT),
-                           capture_output=True, text=True, timeout=60)
-    return probe.returncode == 0
-
-
-_SERVE: bool | None = None
-
-
-def require_serve() -> None:
-    global _SERVE
-    if _SERVE is None:
-        _SERVE = serve_exists()
-    if not _SERVE:
-        pytest.skip("`python -m devmapd serve` is not available yet (devmapd/cli.py serve)")
-
-
-def wait_answering(handle: DaemonHandle, timeout: float = 45.0) -> None:
-    """The harness waits for the socket too; this one also tolerates 'no socket yet'."""
-    from devmapd.client import DaemonUnavailable
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if handle.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {handle.proc.returncode}:\n{handle.log()[-3000:]}")
-        try:
-            handle.status()
-            return
-        except DaemonUnavailable:
-            if time.monotonic() > deadline:
-                handle.stop()
-                raise AssertionError(f"daemon did not answer within {timeout}s:\n{handle.log()[-3000:]}")
-            time.sleep(0.1)
-
-
-def write_models(model_dir: Path) -> dict[str, Path]:
-    """A few real checkpoints: plain, fp16, a 4 MiB one, and a truncated (broken) one."""
-    import torch
-
-    from devmapd import samples
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    out = {
-        "plain": samples.plain(model_dir),
-        "fp16": samples.fp16(model_dir),
-        "truncated": samples.truncated(model_dir),
-        "big": samples.big(model_dir, 4 * MIB, count=4, dtype=torch.float32, name="big.pt"),
-    }
-    return out
+from tests.harness import DaemonHandle, start_daemon
+from tests.tui.helpers import DEFAULT_GPUS, require_serve, wait_answering, write_models
 
 
 @pytest.fixture
@@ -122,30 +63,3 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHa
         shutil.rmtree(sock_base, ignore_errors=True)
 
 
-def DEFAULT_GPUS() -> list[dict[str, Any]]:
-    return [sim_gpu(0, 1024, 100), sim_gpu(1, 512, 50)]
-
-
-async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 20.0,
-                     what: str = "") -> Any:
-    """Let the app run until `predicate()` is truthy (the daemon answers asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await pilot.pause(0.05)
-
-
-def text_of(renderable: Any, width: int = 160) -> str:
-    """Plain text of what a widget shows (Static.content, a Rich renderable)."""
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(renderable)
-    return console.export_text()
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Blocking harness calls (status polling, process stop) must not freeze the app's loop."""
-    return await asyncio.to_thread(fn, *args, **kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT
-from tests.tui.conftest import require_serve
+from tests.tui.helpers import require_serve
 
 
 class Output:

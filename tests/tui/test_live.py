@@ -11,7 +11,7 @@ from devmapd_tui.help import HelpScreen
 from devmapd_tui.widgets import DetailPane, DevicePanel, EventLog, HeaderBar, ModelTable
 from textual.widgets import OptionList
 
-from tests.tui.conftest import DEFAULT_GPUS, in_thread, text_of, wait_until
+from tests.tui.helpers import DEFAULT_GPUS, in_thread, text_of, wait_until
 
 SIZE = (120, 40)
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from devmapd_tui.app import DevmapdApp
 from devmapd_tui.widgets import ModelTable
 
-from tests.tui.conftest import wait_until
+from tests.tui.helpers import wait_until
 
 GIB = 1 << 30
 N_MODELS = 500

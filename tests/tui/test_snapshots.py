@@ -15,7 +15,7 @@ from devmapd_tui.app import DevmapdApp
 from devmapd_tui.dialogs import RemapDialog
 from devmapd_tui.help import HelpScreen
 
-from tests.tui.conftest import wait_until
+from tests.tui.helpers import wait_until
 from tests.tui.fixed import FIXED_EVENTS, NOW, FixedClient
 
 SIZE = (120, 40)
