@@ -58,14 +58,15 @@ def memory_bar(device: dict[str, Any], width: int = BAR_WIDTH) -> Text:
     return text
 
 
-def bar_legend() -> Text:
+def bar_legend(history: bool = True) -> Text:
     legend = Text("  ")
     labels = {"models": "devmapd models", "others": "other processes", "reserve": "reserve",
               "free": "free"}
     for name, glyph, style in BAR_PARTS:
         legend.append(glyph * 2, style=style)
         legend.append(f" {labels[name]}   ", style="grey62")
-    legend.append("history: free memory, newest right", style="grey50")
+    if history:
+        legend.append("history: free memory, newest right", style="grey50")
     return legend
 
 
@@ -129,6 +130,25 @@ def backend_text(backend: str | None, state: DaemonState) -> str:
     return str(backend)
 
 
+# key -> (header, Rich column options); in display order.
+DEVICE_COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "id": ("Device", {"no_wrap": True}),
+    "name": ("Name", {"no_wrap": True, "max_width": 19, "overflow": "ellipsis"}),
+    "uuid": ("UUID", {"no_wrap": True, "style": "grey62"}),
+    "bar": ("Memory", {"no_wrap": True, "width": BAR_WIDTH}),
+    "models": ("Models", {"justify": "right", "no_wrap": True}),
+    "others": ("Others", {"justify": "right", "no_wrap": True}),
+    "free": ("Free", {"justify": "right", "no_wrap": True}),
+    "total": ("Total", {"justify": "right", "no_wrap": True}),
+    "util": ("Util", {"justify": "right", "no_wrap": True}),
+    "history": ("History", {"no_wrap": True, "style": "blue"}),
+    "flags": ("", {"no_wrap": True}),
+}
+DEVICE_WIDTHS = {"id": 6, "name": 19, "uuid": 12, "bar": BAR_WIDTH, "models": 8, "others": 8,
+                 "free": 8, "total": 8, "util": 4, "history": 12, "flags": 3}
+DEVICE_DROP_ORDER = ("uuid", "history", "total", "others", "util", "flags")
+
+
 class DevicePanel(Static):
     """A row per GPU and one for host RAM; redrawn whole, which is cheap for at most ~9 rows."""
 
@@ -136,7 +156,7 @@ class DevicePanel(Static):
         super().__init__("", **kwargs)
         self.state = state
         self._shown: tuple | None = None
-        self._rows = -1
+        self._rows: tuple[int, int] | None = None
 
     def _signature(self) -> tuple:
         """What the panel would show, at display precision: host RAM's free bytes change at
@@ -161,17 +181,10 @@ class DevicePanel(Static):
             return
         table = Table(box=None, expand=False, pad_edge=False, padding=(0, 1, 0, 0),
                       header_style="bold grey70", show_edge=False)
-        table.add_column("Device", no_wrap=True)
-        table.add_column("Name", no_wrap=True, max_width=19, overflow="ellipsis")
-        table.add_column("UUID", no_wrap=True, style="grey62")
-        table.add_column("Memory", no_wrap=True, width=BAR_WIDTH)
-        table.add_column("Models", justify="right", no_wrap=True)
-        table.add_column("Others", justify="right", no_wrap=True)
-        table.add_column("Free", justify="right", no_wrap=True)
-        table.add_column("Total", justify="right", no_wrap=True)
-        table.add_column("Util", justify="right", no_wrap=True)
-        table.add_column("History", no_wrap=True, style="blue")
-        table.add_column("", no_wrap=True)
+        columns = self._columns_for(self.content_size.width or 118)
+        for key in columns:
+            label, kwargs = DEVICE_COLUMNS[key]
+            table.add_column(label, **kwargs)
         for dev in self.state.devices:
             split = memory_split(dev)
             is_host = dev.get("kind") == "cpu" or dev.get("id") == "cpu"
@@ -183,24 +196,44 @@ class DevicePanel(Static):
                 flags.append("error ", style="red")
             if dev.get("simulated"):
                 flags.append("sim", style="magenta")
-            ident = Text(dev.get("id", "?"), style="bold" if not dev.get("lost") else "strike red")
-            table.add_row(
-                ident,
-                dev.get("name") or ("Host RAM" if is_host else "?"),
-                "-" if is_host else short_uuid(dev.get("uuid")),
-                memory_bar(dev),
-                Text(human_bytes(split.models), style="green"),
-                Text(human_bytes(split.others), style="yellow"),
-                human_bytes(dev.get("free")),
-                human_bytes(split.total),
-                "-" if util is None else f"{util:.0f}%",
-                self.state.history.sparkline(dev.get("id", ""), 12),
-                flags,
-            )
+            cells = {
+                "id": Text(dev.get("id", "?"), style="bold" if not dev.get("lost") else "strike red"),
+                "name": dev.get("name") or ("Host RAM" if is_host else "?"),
+                "uuid": "-" if is_host else short_uuid(dev.get("uuid")),
+                "bar": memory_bar(dev),
+                "models": Text(human_bytes(split.models), style="green"),
+                "others": Text(human_bytes(split.others), style="yellow"),
+                "free": human_bytes(dev.get("free")),
+                "total": human_bytes(split.total),
+                "util": "-" if util is None else f"{util:.0f}%",
+                "history": self.state.history.sparkline(dev.get("id", ""), 12),
+                "flags": flags,
+            }
+            table.add_row(*(cells[k] for k in columns))
+        parts: list[RenderableType] = [table, bar_legend("history" in columns)]
         # Same number of rows: no relayout of the screen needed, just a repaint of this panel.
-        same_height = self._rows == len(self.state.devices)
-        self._rows = len(self.state.devices)
-        self.update(Group(table, bar_legend()), layout=not same_height)
+        height = (len(self.state.devices), len(parts))
+        same_height = self._rows == height
+        self._rows = height
+        self.update(Group(*parts), layout=not same_height)
+
+    @staticmethod
+    def _columns_for(width: int) -> list[str]:
+        """Narrow terminals drop the least needed columns first rather than squeezing all."""
+        keep = list(DEVICE_COLUMNS)
+        for drop in DEVICE_DROP_ORDER:
+            if sum(DEVICE_WIDTHS[k] + 1 for k in keep) - 1 <= width:
+                break
+            keep.remove(drop)
+        return keep
+
+    def on_resize(self) -> None:
+        self._shown = None      # the column set (and the legend's wrapping) depend on the width
+        self._rows = None
+        self.update_from()
+        # Height is "auto": measured again only on a layout pass, so ask for one after this
+        # resize has settled (the first measure may have used the pre-resize legend wrapping).
+        self.call_after_refresh(self.refresh, layout=True)
 
 
 # -- the models table -------------------------------------------------------------------------
