@@ -170,6 +170,7 @@ class ModelDirGuard:
 
     def replace(self, src: Path, dst: Path) -> None:
         with self._lock:
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             self.note(dst, src) if self._inside(src) else self.note(dst)
 
