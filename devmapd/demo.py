@@ -161,7 +161,7 @@ def apply_pressure(info: DemoInfo, on: bool) -> str:
 
 def _held_per_gpu(socket: str) -> dict[str, int]:
     try:
-        from .client import Client, DevmapdError
+        from .client import Client
         with Client(socket, timeout=5.0) as client:
             status = client.status()
     except Exception:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
