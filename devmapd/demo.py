@@ -175,11 +175,20 @@ class DemoControl:
 
     def __init__(self, info: DemoInfo) -> None:
         self.info = info
-        self.pressure = False
+
+    @property
+    def pressure(self) -> bool:
+        # A second terminal may have changed it (`devmapd demo --pressure`): the state file knows.
+        try:
+            recorded = json.loads(state_file_path().read_text())
+            if recorded.get("pid") == self.info.pid:
+                return bool(recorded.get("pressure"))
+        except (OSError, ValueError):
+            pass
+        return self.info.pressure
 
     def set_pressure(self, on: bool) -> str:
         message = apply_pressure(self.info, on)
-        self.pressure = on
         self.info.pressure = on
         try:
             _write_json_atomic(state_file_path(), asdict(self.info))
