@@ -27,9 +27,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.conftest import (GIB, MIB, ROOT, ClientProc, GpuMemory, Hog, bare_uuid, nobody_group,
-                                open_dir, start_gpu_daemon, stop_daemon, torch_uuids, wait_placed,
-                                write_int_checkpoint)
+from tests.gpu.conftest import (GIB, MIB, ROOT, Hog, bare_uuid, nobody_group, open_dir, start_gpu_daemon,
+                                stop_daemon, torch_uuids, wait_placed, write_int_checkpoint)
 
 BIG = 1 * GIB              # the model of the IPC/eviction tests (issue 7: "1 GiB")
 FETCH_BOUND_MS = 50.0      # generous bound; the target is "well under 5 ms"
@@ -337,4 +336,65 @@ def test_pressure_demotes_to_cpu_then_promotes_back(gpu_daemon_factory, gpu0, py
             f"b was demoted too although one demotion sufficed (in-flight demotions not counted): {obs}")
     finally:
         stop_daemon(d, "pressure")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ lifetime risks
+
+_CHAIN_SRC = r"""
+import sys, time, torch
+from devmapd import arena, cuda_share
+n = int(sys.argv[1])
+b = arena.ArenaBuilder("chain", 4 << 20)
+b.write_at(0, torch.zeros(4 << 20, dtype=torch.uint8))
+seg = b.seal()
+gpu = cuda_share.GpuSegment.upload(seg, 0)
+t0 = time.perf_counter()
+for _ in range(n):
+    cuda_share.release_payload(gpu.export())   # each fetch's export, its client long gone
+dt = time.perf_counter() - t0
+print(f"exported {n} in {dt:.2f}s", flush=True)
+gpu.release()                                  # frees a chain of n nested ref-counted DataPtrs
+torch.cuda.synchronize()
+print(f"released ok; allocated {torch.cuda.memory_allocated(0)}; per export {dt / n * 1e6:.1f} us", flush=True)
+"""
+
+
+def test_a_model_fetched_many_times_can_still_be_released():
+    """Every GpuSegment.export wraps the SAME storage's DataPtr in one more CudaIPCSentData, so
+    a model fetched N times holds an N-deep chain that is destroyed recursively on release.
+    100k fetches is weeks of a busy lab; releasing must not crash the daemon (stack overflow)."""
+    n = 100_000
+    proc = subprocess.run([sys.executable, "-c", _CHAIN_SRC, str(n)], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=240)
+    out = proc.stdout.strip()
+    record(figure="export_chain", exports=n, returncode=proc.returncode, output=out[-300:])
+    assert proc.returncode == 0 and "released ok" in out, (
+        f"releasing a GPU segment exported {n} times ended with rc={proc.returncode} (negative = signal; "
+        f"-11 = stack overflow in the nested deleters): {out[-500:]}\n{proc.stderr[-2000:]}")
+
+
+def test_client_tensors_stay_valid_when_the_daemon_stops(gpu_daemon_factory, clients):
+    """A restart (upgrade, crash, Restart=on-failure) while jobs hold GPU models: with legacy CUDA
+    IPC the exporter's exit frees the memory under the importers. This decides what users see."""
+    base = open_dir()
+    mdir = base / "models"
+    mdir.mkdir()
+    sums = write_int_checkpoint(mdir / "big.pt", BIG, tensors=4, seed=3)
+    d = gpu_daemon_factory(model_dir=mdir)
+    try:
+        wait_placed(d, "big", "cuda:0", timeout=120)
+        cl = clients(d.socket)
+        cl.cmd("init")
+        _assert_big_intact(cl.cmd("fetch big"), sums)
+        t0 = time.monotonic()
+        rc = d.stop()
+        stop_s = round(time.monotonic() - t0, 2)
+        time.sleep(1.0)
+        reply = cl.cmd("check big", check=False)
+        record(figure="daemon_stop_with_gpu_client", daemon_rc=rc, stop_s=stop_s, client_ok=reply.get("ok"),
+               client_error=reply.get("error"))
+        assert reply.get("ok"), f"the client's GPU tensors broke when the daemon stopped: {reply.get('error')}"
+        _assert_big_intact(reply, sums)
+    finally:
         shutil.rmtree(base, ignore_errors=True)
