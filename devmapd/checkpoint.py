@@ -320,15 +320,29 @@ def _resolve_global(name: str) -> Any:
                          "fix its module.Qualname spelling or install the package that defines it."))
 
 
-def inspect(path: Any, *, allowed_globals: tuple[str, ...] = ()) -> Inspection:
+def register_allowed_globals(names: tuple[str, ...]) -> None:
+    """Admit ``names`` (module.QualName) to weights-only loading for the whole process.
+
+    The daemon calls this at start-up and on reload instead of passing ``allowed_globals``
+    per call: torch's per-call ``safe_globals`` edits one process-wide list, so two reads in
+    parallel threads would remove each other's globals mid-unpickle.
+    """
+    objs = [_resolve_global(name) for name in names]
+    torch.serialization.clear_safe_globals()
+    if objs:
+        torch.serialization.add_safe_globals(objs)
+
+
+def inspect(path: Any, *, allowed_globals: tuple[str, ...] = (), root: str | None = None) -> Inspection:
     """What ``path`` (a file, an HF directory or a ModelSource) holds, without reading tensor data.
 
-    Never raises for a bad file: the Inspection's ``diagnosis`` says what is wrong.
+    Never raises for a bad file: the Inspection's ``diagnosis`` says what is wrong. With
+    ``root``, a file whose opened inode lies outside it is refused (outside_model_dir).
     """
     path = _source_path(path)
     guess = _Guess()
     opened: list[OpenedFile] = []
-    opts = ReadOptions(allowed_globals=tuple(allowed_globals))
+    opts = ReadOptions(allowed_globals=tuple(allowed_globals), root=root)
     try:
         with _allowed(opts.allowed_globals), _gc_paused():
             parsed = _open_and_parse(path, opts, False, guess, opened)

@@ -28,7 +28,7 @@ __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDeni
 SYSTEM_SOCKET = "/run/devmapd/devmapd.sock"
 # A fetch may wait for a model that is still loading; the daemon gives up after its own
 # request timeout (120 s by default), so wait a little longer than that before calling it dead.
-LOAD_TIMEOUT_S = 130.0
+LOAD_TIMEOUT_S = 630.0   # a fetch may wait for a load: the daemon gives up first (server.fetch_timeout_s, 600 s)
 
 
 class DevmapdError(Exception):

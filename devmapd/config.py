@@ -38,6 +38,7 @@ class ServerConfig:
     max_frame_bytes: int = 1 << 20
     idle_timeout_s: float = 300.0
     max_connections_per_uid: int = 64
+    fetch_timeout_s: float = 600.0
 
     def mode_bits(self) -> int:
         return int(self.socket_mode, 8)

@@ -31,11 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, checkpoint, fdstore, handoff, names, planner, pressure, statefile
+from . import __version__, checkpoint, fdstore, handoff, names, pressure, statefile
 from .config import Config, ConfigError
 from .config import load as load_config
 from .devices import Snapshot, open_backend
-from .loader import ServedVersion, load_version
+from .actions import ActionsMixin
+from .loader import ServedVersion
+from .loading import LoadingMixin
 from .registry import ModelRecord, Registry
 from .watcher import ModelEvent, ModelWatcher
 
@@ -46,7 +48,7 @@ SHUTDOWN_TIMEOUT_S = 10.0
 RECENT_DECISIONS = 200
 
 
-class Daemon:
+class Daemon(LoadingMixin, ActionsMixin):
     """One running devmapd. ``await Daemon(cfg).run()`` serves until a signal stops it."""
 
     def __init__(self, cfg: Config, *, config_path: str | None = None,
@@ -83,6 +85,11 @@ class Daemon:
         self._queued: set[str] = set()
         self._forced: dict[str, str] = {}  # name -> device a pressure move is taking it to
         self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
+        self._loading: set[str] = set()  # being read right now (one load per model at a time)
+        self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
+        self._gpu_released = False  # a GPU copy was dropped: collect CUDA IPC blocks at each poll
+        self.metrics_server = None
+        self._exit_code = 0
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._signals = 0
@@ -113,7 +120,7 @@ class Daemon:
         except asyncio.TimeoutError:
             log.error("shutdown took longer than %.0fs; exiting anyway", SHUTDOWN_TIMEOUT_S)
             return 1
-        return 0
+        return self._exit_code
 
     async def _startup(self, loop: asyncio.AbstractEventLoop) -> None:
         from .server import Server
@@ -123,6 +130,7 @@ class Daemon:
         self.operator_state = statefile.load(self.cfg.state_dir)
         self.backend = open_backend(self._backend_kind(), self.cfg.devices.simulate or None)
         self.snapshot = await asyncio.to_thread(self.backend.snapshot)
+        checkpoint.register_allowed_globals(self.cfg.safety.allowed_globals)
         if self.snapshot.backend == "nvml" and self.snapshot.gpus:
             await asyncio.to_thread(self._match_cuda_indices)
         await self._setup_metrics()
@@ -149,11 +157,30 @@ class Daemon:
         self.watcher = ModelWatcher(self.model_dir, events, loop, settle_s=self.cfg.watch.settle_s,
                                     rescan_interval_s=self.cfg.watch.rescan_interval_s,
                                     force_polling=self.cfg.watch.force_polling)
-        self.watcher.start()
-        self._tasks.append(asyncio.create_task(self._consume_watch_events(events), name="watch-events"))
+        await asyncio.to_thread(self.watcher.start)  # its first full scan is disk I/O
+        self._spawn(self._consume_watch_events(events), "watch-events")
         for i in range(self.cfg.placement.load_workers):
-            self._tasks.append(asyncio.create_task(self._load_worker(), name=f"loader-{i}"))
-        self._tasks.append(asyncio.create_task(self._poll_loop(), name="poll"))
+            self._spawn(self._load_worker(), f"loader-{i}")
+        self._spawn(self._poll_loop(), "poll")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """Start a background task whose death stops the daemon loudly.
+
+        A dead poll loop or load worker would be a silent outage; exiting non-zero instead
+        lets the service manager (Restart=on-failure) bring devmapd back.
+        """
+        task = asyncio.create_task(coro, name=name)
+
+        def died(t: asyncio.Task) -> None:
+            if t.cancelled() or self._stop.is_set():
+                return
+            log.critical("internal task %s died (%r); stopping so that devmapd is restarted", t.get_name(),
+                         t.exception())
+            self._exit_code = 1
+            self._stop.set()
+
+        task.add_done_callback(died)
+        self._tasks.append(task)
 
     def _match_cuda_indices(self) -> None:
         """Tell the NVML backend torch's CUDA numbering (by UUID: NVML order is not CUDA order)."""
@@ -181,25 +208,30 @@ class Daemon:
         for name, stored in sorted(kept.items()):
             try:
                 version = handoff.revive(stored)
-            except (KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # any bad entry (older format after an upgrade...) must not crash-loop us
                 log.warning("%s: fd store entry unusable (%s); loading from disk instead", name, exc)
                 stored.close()
                 handoff.unpark(self.notifier, stored.fdnames)
                 continue
-            src = sources[name]
-            rule = self.cfg.rule_for(name)
-            rec = ModelRecord(name=name, path=str(src.path), source=src, fingerprint=current[name], state="ready",
-                              inspection=version.inspection, serving=version, generation=version.generation,
-                              placement=dict(version.placement), load_time_s=0.0, loaded_at=time.time(),
-                              reason="restored from the systemd fd store after a restart (no disk read)",
-                              stored=list(stored.fdnames), lazy=bool(rule and rule.preload == "lazy"))
-            rec.pin = self.operator_state.pins.get(name) or (rule.pin if rule and rule.pin else None)
-            rec.target = self.operator_state.targets.get(name)
+            rec = self._new_record(name, sources[name], current[name])
+            rec.state, rec.inspection, rec.serving = "ready", version.inspection, version
+            rec.generation, rec.placement, rec.stored = version.generation, dict(version.placement), list(stored.fdnames)
+            rec.load_time_s, rec.loaded_at = 0.0, time.time()
+            rec.reason = "restored from the systemd fd store after a restart (no disk read)"
             self.registry.add(rec)
             newest = max(newest, version.generation)
             log.info("%s: restored from the fd store (%s)", name,
                      ", ".join(f"{d} {n / MIB:.1f} MiB" for d, n in sorted(version.placement.items())))
         self._generation = itertools.count(newest + 1)
+
+    def _new_record(self, name: str, source: Any, fingerprint: tuple | None) -> ModelRecord:
+        """A record for a model just found, with its persisted pin/remap and its rule applied."""
+        rule = self.cfg.rule_for(name)
+        rec = ModelRecord(name=name, path=str(source.path), source=source, fingerprint=fingerprint,
+                          lazy=bool(rule and rule.preload == "lazy"))
+        rec.pin = self.operator_state.pins.get(name) or (rule.pin if rule and rule.pin else None)
+        rec.target = self.operator_state.targets.get(name)
+        return rec
 
     async def _shutdown(self) -> None:
         if self.watcher is not None:
@@ -247,35 +279,39 @@ class Daemon:
                 log.warning("config reload: model_dir and socket changes need a restart; keeping the current ones")
                 new = new.replace(model_dir=self.cfg.model_dir,
                                   server=dataclasses.replace(new.server, socket=self.cfg.server.socket))
-        except ConfigError as exc:
+            # Everything that can still fail (unknown group names, globals that do not import)
+            # is resolved BEFORE anything is applied: a reload applies whole or not at all.
+            policy = self._server_options(new)["policy"]
+            checkpoint.register_allowed_globals(new.safety.allowed_globals)
+        except (ConfigError, ValueError, checkpoint.CheckpointError) as exc:
+            checkpoint.register_allowed_globals(self.cfg.safety.allowed_globals)
             log.error("config reload failed, keeping the running config: %s", exc)
             self.registry.emit({"type": "log", "level": "error", "message": f"config reload failed: {exc}"})
         else:
             self.cfg = new
-            if self.server is not None and hasattr(self.server, "set_policy"):
-                self.server.set_policy(self._server_options()["policy"])
+            if self.server is not None:
+                self.server.set_policy(policy)
             logging.getLogger().setLevel(new.log_level.upper())
             log.info("config reloaded from %s", self.config_path or "defaults")
             self.registry.emit({"type": "log", "level": "info", "message": "config reloaded"})
-        if self.notifier is not None:
-            self.notifier.ready(self._summary())
-
-    metrics_server = None
+        finally:
+            if self.notifier is not None:
+                self.notifier.ready(self._summary())  # RELOADING=1 is always answered
 
     def _backend_kind(self) -> str:
         if self.cfg.devices.simulate:
             return "simulated"
         return self.cfg.devices.backend
 
-    def _server_options(self) -> dict[str, Any]:
+    def _server_options(self, cfg: Config | None = None) -> dict[str, Any]:
         from .peercred import AccessPolicy
 
-        s = self.cfg.server
+        s = (cfg or self.cfg).server
         policy = AccessPolicy(fetch_uids=s.fetch_uids, fetch_groups=s.fetch_groups,
                               operator_uids=s.operator_uids, operator_groups=s.operator_groups)
         return {"policy": policy, "socket_mode": s.mode_bits(), "socket_group": s.socket_group or None,
                 "max_frame": s.max_frame_bytes, "idle_timeout_s": s.idle_timeout_s,
-                "max_conns_per_uid": s.max_connections_per_uid}
+                "max_conns_per_uid": s.max_connections_per_uid, "request_timeout_s": s.fetch_timeout_s}
 
     async def _setup_metrics(self) -> None:
         from .metrics import Metrics, MetricsHTTPServer
@@ -320,13 +356,6 @@ class Daemon:
         return queue, unsubscribe
 
     # ------------------------------------------------------------------ status
-    def _held(self) -> dict[str, int]:
-        held: dict[str, int] = {}
-        for rec in self.registry.records():
-            for device, nbytes in rec.placement.items():
-                held[device] = held.get(device, 0) + nbytes
-        return held
-
     def _device_status(self) -> list[dict[str, Any]]:
         snap = self.snapshot
         if snap is None:
@@ -402,13 +431,8 @@ class Daemon:
     def _on_upsert(self, event: ModelEvent) -> None:
         source = event.source
         rec = self.registry.get(event.name)
-        rule = self.cfg.rule_for(event.name)
         if rec is None:
-            rec = ModelRecord(name=event.name, path=str(source.path), source=source, fingerprint=event.fingerprint)
-            rec.pin = self.operator_state.pins.get(event.name) or (rule.pin if rule and rule.pin else None)
-            rec.target = self.operator_state.targets.get(event.name)
-            rec.lazy = bool(rule and rule.preload == "lazy")
-            self.registry.add(rec)
+            rec = self.registry.add(self._new_record(event.name, source, event.fingerprint))
         else:
             if rec.fingerprint == event.fingerprint:
                 return  # nothing changed (a rescan re-announcing a known file): keep its state
@@ -424,258 +448,8 @@ class Daemon:
         rec = self.registry.get(name)
         if rec is None:
             return
-        if rec.serving is not None:
-            rec.serving.close()
-            rec.serving = None
-        handoff.unpark(self.notifier, rec.stored)
-        rec.stored = []
-        rec.placement = {}
+        self._drop_version(rec)
         self.registry.remove(name, f"{name}: file removed; unloaded")
-
-    # ------------------------------------------------------------------ loading
-    def _enqueue(self, rec: ModelRecord, message: str) -> None:
-        assert self._load_queue is not None
-        if rec.state != "loading":
-            self.registry.transition(rec, "queued", message, progress=None)
-        if rec.name not in self._queued:
-            self._queued.add(rec.name)
-            self._pending.setdefault(rec.name, asyncio.Event())
-            self._load_queue.put_nowait(rec.name)
-
-    async def _load_worker(self) -> None:
-        assert self._load_queue is not None
-        while True:
-            name = await self._next_to_load()
-            self._queued.discard(name)
-            rec = self.registry.get(name)
-            try:
-                if rec is not None:
-                    await self._load(rec)
-            except Exception as exc:  # never let one model take a worker down
-                log.exception("%s: unexpected error while loading", name)
-                if rec is not None and name in self.registry:
-                    self.registry.transition(rec, "failed", f"{name}: failed: {exc}", error=str(exc), progress=None)
-            finally:
-                # Wake fetches waiting for this model, unless it was queued again meanwhile
-                # (then they wait for that attempt, which will set the same event).
-                if name not in self._queued:
-                    done = self._pending.pop(name, None)
-                    if done is not None:
-                        done.set()
-                self._on_demand.discard(name)
-
-    async def _next_to_load(self) -> str:
-        """Bigger-first (or by name) among what is queued right now."""
-        assert self._load_queue is not None
-        first = await self._load_queue.get()
-        batch = [first]
-        while not self._load_queue.empty():
-            batch.append(self._load_queue.get_nowait())
-        order = self.cfg.placement.preload_order
-
-        def key(name: str) -> tuple:
-            rec = self.registry.get(name)
-            size = 0
-            if rec is not None and rec.source is not None:
-                try:
-                    size = sum(os.stat(f).st_size for f in rec.source.files)
-                except OSError:
-                    size = 0
-            return (-size, name) if order == "bigger-first" else (name,)
-
-        batch.sort(key=key)
-        for name in batch[1:]:
-            self._load_queue.put_nowait(name)
-        return batch[0]
-
-    def _read_options(self, rec: ModelRecord, host_free: int) -> checkpoint.ReadOptions:
-        rule = self.cfg.rule_for(rec.name)
-        n, s = self.cfg.normalize, self.cfg.safety
-        return checkpoint.ReadOptions(
-            strip_prefixes=n.strip_prefixes,
-            cpu_upcast_half=n.cpu_upcast_half,
-            gpu_dtype=(rule.dtype if rule and rule.dtype else n.gpu_dtype) or None,
-            allowed_globals=s.allowed_globals,
-            max_header_bytes=s.max_header_mib * MIB,
-            max_tensors=s.max_tensors,
-            memory_limit=host_free,
-            root=str(self.model_dir),
-        )
-
-    async def _load(self, rec: ModelRecord) -> None:
-        name = rec.name
-        self.registry.transition(rec, "loading", f"{name}: inspecting {rec.path}", progress=0.0, error=None)
-        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path,
-                                       allowed_globals=self.cfg.safety.allowed_globals)
-        if self.registry.get(name) is not rec:
-            return  # removed while we inspected
-        rec.inspection = insp
-        if insp.diagnosis is not None:
-            self._fail(rec, insp.diagnosis)
-            return
-        placement = self._place(rec, insp)
-        if placement.kind == "deferred" and name in self._on_demand and insp.bytes < self._host_free():
-            # "Beyond the host cap, models stay registered and load on first fetch": a fetch is waiting.
-            placement = planner.Placement(name=name, kind="cpu", devices=(("cpu", insp.bytes),),
-                                          reason=f"loaded on demand past the host memory cap ({placement.reason})")
-        if placement.kind == "deferred":
-            self.registry.transition(rec, "queued", f"{name}: not loaded now: {placement.reason}",
-                                     reason=placement.reason, progress=None)
-            return
-        device_of = self._device_of(placement)
-        generation = next(self._generation)
-        loop = asyncio.get_running_loop()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            frac = done / total if total else 1.0
-            if frac - last[0] >= 0.1 or frac >= 1.0:  # a few events per load, not thousands
-                last[0] = frac
-                loop.call_soon_threadsafe(self._progress, rec, generation, frac)
-
-        options = self._read_options(rec, self._host_free())
-        started = time.perf_counter()
-        try:
-            version = await asyncio.to_thread(
-                load_version, rec.source, generation, options, device_of=device_of,
-                cuda_index_of=self._cuda_index_of, keep_host_copy=self.cfg.placement.keep_host_copy,
-                progress=progress)
-        except checkpoint.CheckpointError as exc:
-            self._fail(rec, exc.diagnosis)
-            return
-        if self.registry.get(name) is not rec:  # deleted while loading: drop the new version
-            version.close()
-            return
-        old = rec.serving
-        rec.serving = version
-        rec.generation = generation
-        rec.fingerprint = version.fingerprint or rec.fingerprint
-        self._forced.pop(name, None)
-        elapsed = time.perf_counter() - started
-        if self.metrics is not None:
-            self.metrics.observe_load(name, elapsed)
-        where = ", ".join(f"{dev} {nbytes / MIB:.1f} MiB" for dev, nbytes in sorted(version.placement.items()))
-        self.registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({placement.reason})",
-                                 placement=dict(version.placement), load_time_s=elapsed, loaded_at=time.time(),
-                                 progress=None, error=None, diagnosis=None, reason=placement.reason)
-        self.registry.decision(rec, "placed", f"{name}: placed on {where}: {placement.reason}",
-                               target=",".join(sorted(version.placement)))
-        previously_parked, rec.stored = rec.stored, handoff.park(self.notifier, name, version)
-        handoff.unpark(self.notifier, previously_parked)
-        if old is not None:
-            old.close()
-        self._update_simulated_held()
-
-    def _progress(self, rec: ModelRecord, generation: int, frac: float) -> None:
-        if rec.state == "loading" and self.registry.get(rec.name) is rec:
-            rec.progress = round(frac, 3)
-            self.registry.changed(rec, f"{rec.name}: loading {frac:.0%}")
-
-    def _fail(self, rec: ModelRecord, diagnosis: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.count_failure(rec.name)
-        if rec.serving is not None:
-            # The previous version keeps serving; say why the new one was refused.
-            self.registry.transition(rec, "ready", f"{rec.name}: new version refused, previous one keeps serving: "
-                                     f"{diagnosis.message}", error=diagnosis.message, diagnosis=diagnosis, progress=None)
-        else:
-            self.registry.transition(rec, "failed", f"{rec.name}: failed: {diagnosis.message}",
-                                     error=diagnosis.message, diagnosis=diagnosis, progress=None, placement={})
-        self.registry.decision(rec, "failed", f"{rec.name}: {diagnosis.code}: {diagnosis.message}")
-
-    # ------------------------------------------------------------------ placement
-    def _host_free(self) -> int:
-        snap = self.snapshot
-        return snap.host.free if snap is not None else 0
-
-    def _host_cap(self) -> int:
-        cap = self.cfg.placement.host_memory_cap_mib * MIB
-        if cap:
-            return cap
-        total = self.snapshot.host.total if self.snapshot is not None else 0
-        return total // 2
-
-    def _capacities(self, *, excluding: str | None = None) -> tuple[list[planner.DeviceCapacity], planner.DeviceCapacity]:
-        snap = self.snapshot
-        assert snap is not None
-        held = self._held()
-        if excluding is not None:
-            rec = self.registry.get(excluding)
-            if rec is not None:
-                for dev, nbytes in rec.placement.items():
-                    held[dev] = held.get(dev, 0) - nbytes
-        # A device whose NVML calls hang (error set) shows stale numbers: place nothing new there.
-        gpus = [planner.DeviceCapacity(id=d.id, total=d.total, free=d.free, held=held.get(d.id, 0),
-                                       lost=d.lost or d.error is not None)
-                for d in snap.gpus]
-        host = planner.DeviceCapacity(id="cpu", total=snap.host.total, free=snap.host.free, held=held.get("cpu", 0))
-        return gpus, host
-
-    def _policy(self) -> planner.Policy:
-        d, p = self.cfg.devices, self.cfg.placement
-        return planner.Policy(mode=p.policy, reserve=d.reserve_mib * MIB, max_fraction=d.max_fraction,
-                              overhead=d.overhead, host_cap=self._host_cap(), allow_split=p.allow_split)
-
-    def _demand(self, rec: ModelRecord, insp: Any, *, fresh: bool) -> planner.ModelDemand:
-        rule = self.cfg.rule_for(rec.name)
-        preferred: tuple[str, ...] = ()
-        if rec.target and rec.target != "auto":
-            preferred = (rec.target,)
-        elif rule and rule.devices:
-            preferred = rule.devices
-        forced = self._forced.get(rec.name)
-        if forced is not None:
-            preferred = (forced,)
-        return planner.ModelDemand(
-            name=rec.name, bytes=insp.bytes, groups=tuple(insp.groups),
-            current=() if fresh else tuple(sorted(rec.placement.items())),
-            pin=rec.pin, preferred=preferred,
-            device_map=rule.device_map if rule else (), lazy=False,
-        )
-
-    def _place(self, rec: ModelRecord, insp: Any) -> planner.Placement:
-        """Where this model goes now; the other models keep their current placements."""
-        gpus, host = self._capacities(excluding=rec.name)
-        demands = [self._demand(rec, insp, fresh=True)]
-        for other in self.registry.records():
-            if other is rec or not other.placement or other.inspection is None:
-                continue
-            demands.append(self._demand(other, other.inspection, fresh=False))
-        # The other models already sit where they are: charge them, then place ours.
-        placements = planner.plan(gpus, host, demands, self._policy())
-        return placements[rec.name]
-
-    @staticmethod
-    def _device_of(placement: planner.Placement):
-        devices = dict(placement.devices)
-        if placement.kind == "split" and placement.group_devices:
-            from .normalize import group_of
-
-            groups = dict(placement.group_devices)
-            fallback = next(iter(devices), "cpu")
-
-            def device_of(key_path: str) -> str:
-                return groups.get(group_of(key_path), fallback)
-
-            return device_of
-        only = next(iter(devices), "cpu")
-        return lambda _key: only
-
-    def _cuda_index_of(self, device_id: str) -> int | None:
-        """Torch index of a REAL GPU id; None for the CPU and simulated GPUs (they stay memfds)."""
-        snap = self.snapshot
-        if snap is None or snap.backend != "nvml" or device_id == "cpu":
-            return None
-        for dev in snap.gpus:
-            if dev.id == device_id and not dev.simulated:
-                return dev.index
-        return None
-
-    def _update_simulated_held(self) -> None:
-        # Simulated "GPU" tensors live in host memory; tell the backend what we hold so its
-        # free memory looks like what NVML would show.
-        if self.backend is not None and hasattr(self.backend, "set_held"):
-            self.backend.set_held(self._held())
 
     # ------------------------------------------------------------------ polling & pressure
     async def _poll_loop(self) -> None:
@@ -694,6 +468,12 @@ class Daemon:
                     last_devices = fingerprint
                     self.registry.emit({"type": "devices", "devices": devices, "message": "devices updated"})
                 self._apply_pressure()
+                if self._gpu_released:
+                    # torch frees an exported CUDA block only once its importers let go and
+                    # ipc_collect runs: do it every poll so NVML shows the memory come back.
+                    from . import cuda_share
+
+                    await asyncio.to_thread(cuda_share.collect)
                 self._write_metrics()
                 now = time.monotonic()
                 if self.notifier is not None:
@@ -792,78 +572,6 @@ class Daemon:
         rec = self.registry.get(name)
         if rec is not None and rec.leases.pop(lease, None) is not None:
             self.registry.changed(rec, f"{name}: a client released it")
-
-    # ------------------------------------------------------------------ DaemonAPI: operator actions
-    async def action(self, op: str, args: dict[str, Any], peer: Any) -> dict[str, Any]:
-        from .protocol import ApiError
-
-        name = args.get("name")
-        if not isinstance(name, str):
-            raise ApiError("bad_request", f"{op} needs a model name")
-        rec = self.registry.get(name)
-        if rec is None:
-            raise ApiError("not_found", f"no model named {name!r}")
-        who = f"uid {getattr(peer, 'uid', '?')}"
-        if op in ("remap", "pin"):
-            device = args.get("device")
-            if not isinstance(device, str) or not self._valid_target(device, allow_auto=(op == "remap")):
-                known = ", ".join(["auto"] + [d["id"] for d in self._device_status()])
-                raise ApiError("bad_request", f"{device!r} is not a device here (known: {known})")
-            if op == "pin":
-                rec.pin = device
-                rec.target = None
-                self.operator_state.pins[name] = device
-                self.operator_state.targets.pop(name, None)
-            else:
-                rec.target = None if device == "auto" else device
-                if device == "auto":
-                    self.operator_state.targets.pop(name, None)
-                else:
-                    self.operator_state.targets[name] = device
-                if rec.pin is not None:
-                    rec.pin = None
-                    self.operator_state.pins.pop(name, None)
-            rec.home = None
-            self._save_state()
-            action = "pinned" if op == "pin" else "remapped"
-            self.registry.decision(rec, action, f"{name}: {action} to {device} by {who}", target=device)
-            self._enqueue(rec, f"{name}: moving to {device} ({op} by {who})")
-            return {"name": name, "state": rec.state, "device": device}
-        if op == "unpin":
-            rec.pin = None
-            self.operator_state.pins.pop(name, None)
-            self._save_state()
-            self.registry.decision(rec, "unpinned", f"{name}: unpinned by {who}")
-            self.registry.changed(rec, f"{name}: unpinned")
-            return {"name": name, "state": rec.state}
-        if op == "evict":
-            if rec.serving is not None:
-                rec.serving.close()
-                rec.serving = None
-            handoff.unpark(self.notifier, rec.stored)
-            rec.stored = []
-            self.registry.transition(rec, "evicted", f"{name}: evicted by {who}", placement={}, progress=None,
-                                     reason=f"evicted by {who}; loads again on fetch or reload")
-            self.registry.decision(rec, "evicted", f"{name}: evicted by {who}")
-            self._update_simulated_held()
-            return {"name": name, "state": rec.state}
-        if op == "reload":
-            rec.fingerprint = None
-            self.registry.decision(rec, "reloaded", f"{name}: reload requested by {who}")
-            self._enqueue(rec, f"{name}: reloading ({who})")
-            return {"name": name, "state": rec.state}
-        raise ApiError("bad_request", f"unknown action {op!r}")
-
-    def _valid_target(self, device: str, *, allow_auto: bool) -> bool:
-        if device == "auto":
-            return allow_auto
-        return device == "cpu" or any(d.id == device for d in (self.snapshot.gpus if self.snapshot else ()))
-
-    def _save_state(self) -> None:
-        try:
-            statefile.save(self.cfg.state_dir, self.operator_state)
-        except OSError as exc:
-            log.error("cannot persist pins/remaps in %s: %s", self.cfg.state_dir, exc)
 
 
 def serve(cfg: Config, *, config_path: str | None = None,

@@ -400,6 +400,11 @@ def _keep(m: ModelDemand, groups: list[tuple[str, int]], ledger: _Ledger) -> Pla
             return None  # the file changed size: place it afresh
         ledger.take(cur)
         return _whole(m.name, dev, b, ledger.host_id, f"kept on {dev}: still fits")
+    if not m.groups:
+        # A split we are told about without its groups (the daemon describes models already in
+        # memory by what they occupy): keep it exactly as it is.
+        ledger.take(cur)
+        return Placement(m.name, "split", tuple(cur.items()), (), "kept split across " + ", ".join(cur) + ": still fits")
     assign = _reconstruct(groups, cur, ledger.host_id, m.device_map)
     if assign is None:
         return None

@@ -62,6 +62,8 @@ class ModelRecord:
     lazy: bool = False
     home: str | None = None  # where pressure demoted it from
     stored: list[str] = field(default_factory=list)  # FDNAMEs of the serving version in systemd's fd store
+    attempt: int = 0  # bumped by each load attempt and by evict/delete: a stale attempt drops its result
+    planned: dict[str, int] = field(default_factory=dict)  # device -> bytes an in-flight load will occupy
 
     @property
     def clients(self) -> int:
