@@ -13,7 +13,7 @@
 # /tmp/devmapd-site (from .whl/, else the registry if one answers), and runs everything from the
 # repo root with PYTHONPATH - nothing is built or installed into the image.
 # Results go to $OUT (the device tool returns it; default ./gpu-results): run.log, env.txt,
-# junit.xml, figures.jsonl, bench.json, daemon-logs.tgz. Whole run bounded to ~9.5 minutes;
+# junit.xml, figures.jsonl, bench.json, daemon-logs.tgz. Whole run bounded to ~8.5 minutes;
 # expected ~4-6 minutes on one H200.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -122,12 +122,12 @@ export DEVMAPD_GPU_FIGURES=$OUT/figures.jsonl
 TO=""
 "$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && TO="--timeout=240"
 echo "== pytest tests/gpu ($(elapsed)s)"
-timeout -k 10 330 "$PY" -m pytest tests/gpu -v -rA -p no:cacheprovider $TO --junitxml="$OUT/junit.xml"
+timeout -k 10 360 "$PY" -m pytest tests/gpu -v -rA -p no:cacheprovider $TO --junitxml="$OUT/junit.xml"
 PYTEST_RC=$?
 echo "== pytest rc=$PYTEST_RC ($(elapsed)s)"
 
 # ---- benchmark ---------------------------------------------------------------------------------
-LEFT=$(( 560 - $(elapsed) ))
+LEFT=$(( 500 - $(elapsed) ))
 BENCH_RC=124
 if [ "$LEFT" -gt 90 ]; then
     echo "== bench_gpu_load --gib ${BENCH_GIB:-4} (budget ${LEFT}s)"
