@@ -339,9 +339,9 @@ class Daemon(LoadingMixin, ActionsMixin):
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
-                # A subscriber that cannot keep up is dropped, not allowed to grow our memory.
+                # A subscriber that cannot keep up is dropped (the server sees its full queue
+                # and closes the subscription), not allowed to grow our memory.
                 self._subscribers.remove(queue)
-                queue.put_nowait_overflow = True  # type: ignore[attr-defined]
 
     def subscribe(self) -> tuple[asyncio.Queue, Any]:
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)

@@ -16,7 +16,7 @@ from typing import Any
 from . import fdstore
 from .arena import Manifest, SealedSegment
 from .checkpoint import Inspection
-from .loader import ServedVersion
+from .loader import ServedVersion, placement_of
 
 log = logging.getLogger("devmapd.handoff")
 
@@ -69,9 +69,7 @@ def revive(stored: fdstore.StoredModel) -> ServedVersion:
         if fd is None:
             raise ValueError("a segment was not stored")
         segments.append(SealedSegment(fd, info.nbytes, f"devmapd:{stored.name}"))
-    placement: dict[str, int] = {}
-    for info in manifest.segments:
-        placement[info.device] = placement.get(info.device, 0) + info.nbytes
+    placement = placement_of(manifest)
     insp = inspection_from_facts(stored.extra["inspection"])
     return ServedVersion(generation=stored.generation, manifest=manifest, segments=segments,
                          placement=placement, fingerprint=stored.fingerprint,

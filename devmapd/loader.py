@@ -81,7 +81,8 @@ class ServedVersion:
         self.gpu_segments.clear()
 
 
-def _placement_of(manifest: Manifest) -> dict[str, int]:
+def placement_of(manifest: Manifest) -> dict[str, int]:
+    """Bytes per device id a manifest's segments occupy."""
     out: dict[str, int] = {}
     for seg in manifest.segments:
         out[seg.device] = out.get(seg.device, 0) + seg.nbytes
@@ -139,7 +140,7 @@ def load_version(
         manifest=manifest,
         segments=segments,
         gpu_segments=gpu_segments,
-        placement=_placement_of(manifest),
+        placement=placement_of(manifest),
         fingerprint=loaded.fingerprint,
         load_time_s=time.perf_counter() - started,
         inspection=loaded.inspection,

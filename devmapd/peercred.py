@@ -79,7 +79,7 @@ def _uid_of(u: int | str) -> int:
                          "use a uid number or an existing user name") from None
 
 
-def _gid_of(g: int | str) -> int:
+def gid_of(g: int | str) -> int:
     if isinstance(g, int):
         return g
     if str(g).isdigit():
@@ -102,9 +102,9 @@ class AccessPolicy:
     def __post_init__(self) -> None:
         # Resolve names to numbers once, so a typo fails at start-up rather than on a request.
         object.__setattr__(self, "fetch_uids", tuple(_uid_of(u) for u in self.fetch_uids))
-        object.__setattr__(self, "fetch_groups", tuple(_gid_of(g) for g in self.fetch_groups))
+        object.__setattr__(self, "fetch_groups", tuple(gid_of(g) for g in self.fetch_groups))
         object.__setattr__(self, "operator_uids", tuple(_uid_of(u) for u in self.operator_uids))
-        object.__setattr__(self, "operator_groups", tuple(_gid_of(g) for g in self.operator_groups))
+        object.__setattr__(self, "operator_groups", tuple(gid_of(g) for g in self.operator_groups))
 
     @staticmethod
     def _in(uid: int, gid: int, groups: Iterable[int], uids: tuple, gids: tuple) -> bool:

@@ -24,7 +24,6 @@ import array
 import asyncio
 import contextlib
 import dataclasses
-import grp
 import itertools
 import logging
 import os
@@ -35,7 +34,7 @@ import weakref
 from typing import Any
 
 from devmapd import protocol as P
-from devmapd.peercred import AccessPolicy, identify
+from devmapd.peercred import AccessPolicy, gid_of, identify
 from devmapd.protocol import ApiError, DaemonAPI, FetchGrant, Peer, ProtocolError
 
 # ApiError/FetchGrant/Peer are re-exported: the daemon imports them from here.
@@ -65,11 +64,9 @@ class _Hangup(Exception):
 def _group_id(group: str | int | None) -> int | None:
     if group is None or group == "":
         return None
-    if isinstance(group, int) or str(group).isdigit():
-        return int(group)
     try:
-        return grp.getgrnam(str(group)).gr_gid
-    except KeyError:
+        return gid_of(group)
+    except ValueError:
         raise ServerError(f"socket group {group!r} does not exist (config server.socket_group); "
                           "create it or leave the setting empty") from None
 
@@ -684,10 +681,9 @@ class _Conn:
         try:
             while True:
                 event = await queue.get()
-                # The daemon's queue is bounded; a full one (or the daemon's overflow mark after
-                # it gave up on us) means we fell behind: drop, rather than serve a gappy stream.
-                if getattr(queue, "put_nowait_overflow", False) or \
-                        (queue.maxsize and queue.qsize() >= queue.maxsize - 1):
+                # The daemon's queue is bounded; a full one means we fell behind (and the daemon
+                # stopped feeding it): drop the subscriber rather than serve a gappy stream.
+                if queue.maxsize and queue.qsize() >= queue.maxsize - 1:
                     log.warning("dropping subscriber pid %d: %d events behind", self.peer.pid,
                                 queue.qsize())
                     break
