@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # The FileDescriptorName= of systemd/devmapd.socket: how the daemon finds its listening socket
 # among the fds it is handed (the rest come from the fd store, see fdstore.py).
 LISTEN_FDNAME = "devmapd-listen"
+SEND_TIMEOUT_S = 0.5
 
 # The first fd systemd passes (SD_LISTEN_FDS_START).
 _LISTEN_FDS_START = 3
@@ -184,6 +185,9 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # The daemon notifies from its event loop: a service manager that stops reading
+                    # (a full datagram queue) may cost us a bounded wait, never a hang.
+                    self._sock.settimeout(SEND_TIMEOUT_S)
                 sent = self._sock.sendmsg([payload], ancillary, 0, self._address)
             except OSError as exc:
                 if not self._warned:
