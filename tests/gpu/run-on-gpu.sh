@@ -36,8 +36,13 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 OUT=${OUT:-$ROOT/gpu-results}
+export OUT
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/run.log") 2>&1
+if [ -z "${_DEVMAPD_TEED:-}" ]; then   # run ourselves under tee, so run.log is complete when we return
+    export _DEVMAPD_TEED=1
+    bash "$0" "$@" 2>&1 | tee -a "$OUT/run.log"
+    exit "${PIPESTATUS[0]}"
+fi
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 echo "== devmapd issue 7 GPU run, $(date -u +%FT%TZ), repo $ROOT"

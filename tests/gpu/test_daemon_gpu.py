@@ -78,6 +78,22 @@ def _ensure_big_on_gpu(d) -> None:
     time.sleep(0.5)            # let NVML catch up with the upload
 
 
+def _fell_back(reply: dict) -> bool:
+    """Did arena.attach serve the CPU copy because the CUDA import failed?"""
+    return any("CPU copy" in w or "CudaShareError" in w for w in reply.get("warnings", []))
+
+
+def _fresh_big_on_gpu(d) -> None:
+    """A NEW version of big on cuda:0 that no client has fetched yet (isolates one finding)."""
+    gen = (d.model("big") or {}).get("generation")
+    with d.client() as c:
+        c.reload("big")
+    d.wait_for(lambda st: any(m["name"] == "big" and m["generation"] != gen and m["state"] == "ready"
+                              and set(m["placement"]) == {"cuda:0"} for m in st["models"]),
+               timeout=120, what="a fresh version of big on cuda:0")
+    time.sleep(1.0)            # let the retired version's memory (if any comes back) settle
+
+
 def _assert_big_intact(reply: dict, sums: dict[str, int]) -> None:
     n = BIG // 4 // len(sums)
     got = reply["summary"]
@@ -116,7 +132,8 @@ def test_checkpoint_saved_on_cuda3_lands_on_cuda0_and_equals_torch_load(served):
         # tied weights stay tied (one storage), as torch.load gives them
         ptrs = {}
         for k, v in ref.items():
-            ptrs.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+            if v.untyped_storage().nbytes():
+                ptrs.setdefault(v.untyped_storage().data_ptr(), []).append(k)
         for keys in (ks for ks in ptrs.values() if len(ks) > 1):
             assert len({got[k].untyped_storage().data_ptr() for k in keys}) == 1, keys
         on_cpu = c.fetch("cuda3", "cpu")
@@ -157,7 +174,7 @@ def test_ipc_fetch_by_another_process_is_zero_copy_and_fast(served, gpu0, client
     time.sleep(0.5)
     used_after = gpu0.used()
     _assert_big_intact(first, sums)
-    assert not first["warnings"], first["warnings"]       # no fallback to a host copy
+    assert not _fell_back(first), first["warnings"]       # no fallback to a host copy
     again = sorted(cl.cmd("fetch big")["ms"] for _ in range(5))
     growth = used_after - used_before
     record(figure="ipc_fetch_1gib", first_ms=round(first["ms"], 3), median_ms=round(again[2], 3),
@@ -179,7 +196,7 @@ def test_client_with_cuda_visible_devices_by_uuid_imports_the_same_memory(served
     reply = cl.cmd("fetch big")
     _assert_big_intact(reply, sums)
     assert all(v[0] == "cuda:0" for v in reply["summary"].values()), reply["summary"]
-    assert not reply["warnings"], reply["warnings"]
+    assert not _fell_back(reply), reply["warnings"]
     assert cl.exit() == 0
 
 
@@ -187,7 +204,7 @@ def test_client_with_cuda_visible_devices_by_uuid_imports_the_same_memory(served
 
 def test_evict_with_no_client_returns_the_memory_to_the_driver(served, gpu0):
     d = served["daemon"]
-    _ensure_big_on_gpu(d)
+    _fresh_big_on_gpu(d)       # earlier tests' clients fetched the current version: not this one
     f0 = gpu0.settled_free()
     with d.client() as c:
         c.evict("big")
@@ -201,7 +218,7 @@ def test_evict_with_no_client_returns_the_memory_to_the_driver(served, gpu0):
 @pytest.mark.parametrize("ending", ["exit", "kill"])
 def test_evicted_memory_stays_for_a_holding_client_and_returns_when_it_ends(served, gpu0, clients, ending):
     d, sums = served["daemon"], served["sums"]
-    _ensure_big_on_gpu(d)
+    _fresh_big_on_gpu(d)
     f0 = gpu0.settled_free()
     cl = clients(d.socket)
     cl.cmd("init")
@@ -257,7 +274,7 @@ def test_unprivileged_client_fetches_and_its_memory_returns(served, gpu0, client
     why = _nobody_can_use_cuda(pkg)
     if why:
         pytest.skip(why)
-    _ensure_big_on_gpu(d)
+    _fresh_big_on_gpu(d)
     f0 = gpu0.settled_free()
     cl = clients(d.socket, prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
                  env={"PYTHONPATH": str(pkg), "HOME": str(pkg)}, cwd=pkg)
@@ -265,7 +282,7 @@ def test_unprivileged_client_fetches_and_its_memory_returns(served, gpu0, client
     assert init["uid"] == 65534
     reply = cl.cmd("fetch big")
     _assert_big_intact(reply, sums)
-    assert not reply["warnings"], reply["warnings"]
+    assert not _fell_back(reply), reply["warnings"]
     with d.client() as c:
         c.evict("big")
     cl.exit()
