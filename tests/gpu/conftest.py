@@ -349,8 +349,9 @@ class ClientProc:
     def __init__(self, socket: str, *, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
                  python: str = sys.executable, cwd: Path = ROOT):
         self.err = tempfile.TemporaryFile()
+        # bufsize=0: stdout is a raw pipe, so select() never waits on a line already buffered here.
         self.proc = subprocess.Popen([*prefix, python, "-c", CLIENT_SRC, socket], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, cwd=str(cwd),
+                                     stdout=subprocess.PIPE, stderr=self.err, cwd=str(cwd), bufsize=0,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @property
