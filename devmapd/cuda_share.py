@@ -218,9 +218,15 @@ def manifest_for_client(manifest: arena.Manifest, gpu_segments: dict[int, "GpuSe
 
 
 def collect() -> None:
-    """Free GPU blocks whose IPC consumers have all let go (torch.cuda.ipc_collect)."""
+    """Free GPU blocks whose IPC consumers have all let go, back to the DRIVER.
+
+    ipc_collect() returns such blocks to torch's caching allocator, where NVML still counts
+    them as ours; empty_cache() hands the now-unused cached blocks back to the driver, so
+    other users (and the pressure loop) see the memory come back.
+    """
     if torch.cuda.is_available():
         torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()
 
 
 def _copy_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
