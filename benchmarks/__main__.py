@@ -59,16 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     log = lambda msg: print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        if NEEDS_SERVE & set(args.sections):
+        sections = list(args.sections)
+        if NEEDS_SERVE & set(sections):
             log(f"writing sample checkpoints under {env.base}")
-            env.write_models()
-            env.start()
-            boot = ctx().Process(target=os.getpid)   # start the forkserver while the daemon boots
-            boot.start()
-            env.daemon.wait_ready(env.model_count())
-            boot.join()
-            log("daemon ready")
-        for name in args.sections:
+            try:
+                env.write_models()
+                env.start()
+                boot = ctx().Process(target=os.getpid)   # start the forkserver while the daemon boots
+                boot.start()
+                env.daemon.wait_ready(env.model_count())
+                boot.join()
+                log("daemon ready")
+            except Exception as e:   # no daemon: the sections that need it cannot run
+                skipped = [s for s in sections if s in NEEDS_SERVE]
+                meta["errors"]["setup"] = f"{type(e).__name__}: {e} (skipped: {', '.join(skipped)})"
+                log(f"setup FAILED, skipping {', '.join(skipped)}: {type(e).__name__}: {e}")
+                sections = [s for s in sections if s not in NEEDS_SERVE]
+        for name in sections:
             log(f"running {name}")
             try:
                 got = SECTIONS[name](env)
@@ -88,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsections that failed to run: " + "; ".join(f"{k}: {v}" for k, v in meta["errors"].items()))
     write_json(args.json, rows, meta)
     print(f"\nJSON: {args.json}")
-    if args.markdown is not None:
+    if args.markdown is not None and meta["errors"]:
+        print(f"markdown: {args.markdown} left as it was (a partial run does not replace the published table)")
+    elif args.markdown is not None:
         write_markdown(args.markdown, rows, meta)
         print(f"markdown: {args.markdown}")
     return 1 if meta["errors"] else 0

@@ -67,6 +67,11 @@ def run(env: Env) -> list[Row]:
                 p = med[peer][key]
                 target = TARGETS.get((model, peer, metric))
                 note = ""
+                if (model, peer, metric) == ("big", "torch.load", "tensors") and nbytes < 0.99 * (1 << 30):
+                    # torch.load's time grows with the size, devmapd's does not: the 100x
+                    # is stated for 1 GiB and says nothing at the --quick size.
+                    target = None
+                    note = "the 100x target is for 1 GiB (full run); torch.load's time grows with size"
                 if metric == "tensors" and peer == "torch.load(mmap)":
                     note = (f"diagnostic: with the caller's GC paused around devmapd.load, time to "
                             f"tensors is {fmt_s(gc_off)} ({p / gc_off:.1f}x faster than {peer})")
@@ -75,7 +80,7 @@ def run(env: Env) -> list[Row]:
                             f"{peer} {faults[peer]}, torch.load {faults['torch.load']}, "
                             f"safetensors {faults['safetensors']}")
                 if metric == "tensors" and peer == "torch.load":
-                    note = (f"a second devmapd.load of it in the same process (connection open) "
+                    note = (note + "; " if note else "") + (f"a second devmapd.load of it in the same process (connection open) "
                             f"takes {fmt_s(second)}; importing devmapd's client modules, done once per "
                             f"process before the clock starts, takes {fmt_s(imp)}")
                 rows.append(Row(

@@ -35,7 +35,8 @@ def test_toy_run_produces_well_formed_ratios(tmp_path, capsys):
             assert r["verdict"] == ("PASS" if (r["ratio"] >= val if op == ">=" else r["ratio"] <= val) else "MISS")
         assert f"{r['section']}: {r['metric']}" in printed
     targeted = {(r["section"].split()[1].split("/")[-1], r["metric"]) for r in rows if r["target"]}
-    assert len(targeted) == 6, targeted   # issue 3's five fetch targets + the cold-load 0.7x
+    # issue 3's fetch targets (less the 100x vs torch.load, stated for 1 GiB only) + the cold-load 0.7x
+    assert len(targeted) == 5, targeted
     fetch_rows = [r for r in rows if r["section"].startswith("fetch")]
     for r in fetch_rows:   # the ratio is the peer's time over devmapd's, from the raw numbers
         assert r["ratio"] == pytest.approx(r["data"]["peer_s"] / r["data"]["devmapd_s"])
