@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(p)
 
     p = sub.add_parser("demo", help="sample checkpoints + simulated GPUs + the dashboard")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
 
     p = sub.add_parser("install-service", help="install the systemd service (see README, Operations)")
     from .install import add_arguments
@@ -205,9 +207,9 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run
 
-    return run_demo(args.rest)
+    return run(args)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
         self._load_queue: asyncio.Queue[str] | None = None
         self._queued: set[str] = set()
-        self._forced: dict[str, str] = {}  # name -> device a pressure move is taking it to
+        self._forced: dict[str, tuple[str, str]] = {}  # name -> (device, why) of a pressure move under way
         self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
         self._loading: set[str] = set()  # being read right now (one load per model at a time)
         self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
@@ -515,7 +515,7 @@ class Daemon(LoadingMixin, ActionsMixin):
             promoting = rec.home is not None and move.target == rec.home
             action = "promoted" if promoting else "demoted"
             rec.home = None if promoting else (rec.home or move.source)
-            self._forced[rec.name] = move.target
+            self._forced[rec.name] = (move.target, f"{action} from {move.source}: {move.reason}")
             if self.metrics is not None and not promoting:
                 self.metrics.count_demotion(rec.name)
             self.registry.decision(rec, action, f"{rec.name}: {action} {move.source} -> {move.target}: {move.reason}",

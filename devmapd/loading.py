@@ -24,6 +24,7 @@ from typing import Any, Callable
 from . import checkpoint, handoff, planner
 from .loader import ServedVersion, load_version
 from .registry import ModelRecord, TransitionError
+from .textfmt import human_bytes
 
 log = logging.getLogger("devmapd")
 
@@ -181,11 +182,12 @@ class LoadingMixin:
         rec.planned = {}
         if self.metrics is not None:
             self.metrics.observe_load(name, elapsed)
-        where = ", ".join(f"{dev} {nbytes / MIB:.1f} MiB" for dev, nbytes in sorted(version.placement.items()))
-        self.registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({placement.reason})",
+        reason = self._forced.get(name, (None, placement.reason))[1]  # a pressure move says why it moved
+        where = ", ".join(f"{dev} {human_bytes(nbytes)}" for dev, nbytes in sorted(version.placement.items()))
+        self.registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({reason})",
                                  placement=dict(version.placement), load_time_s=elapsed, loaded_at=time.time(),
-                                 progress=None, error=None, diagnosis=None, reason=placement.reason)
-        self.registry.decision(rec, "placed", f"{name}: placed on {where}: {placement.reason}",
+                                 progress=None, error=None, diagnosis=None, reason=reason)
+        self.registry.decision(rec, "placed", f"{name}: placed on {where}: {reason}",
                                target=",".join(sorted(version.placement)))
         previously_parked, rec.stored = rec.stored, handoff.park(self.notifier, name, version)
         handoff.unpark(self.notifier, previously_parked)
@@ -275,7 +277,7 @@ class LoadingMixin:
             preferred = rule.devices
         forced = self._forced.get(rec.name)
         if forced is not None:
-            preferred = (forced,)
+            preferred = (forced[0],)
         return planner.ModelDemand(name=rec.name, bytes=insp.bytes, groups=tuple(insp.groups), pin=rec.pin,
                                    preferred=preferred, device_map=rule.device_map if rule else ())
 

@@ -11,19 +11,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from textual.message import Message
 
-try:  # the real client; the fallbacks below only matter while it is being written
-    from devmapd.client import Client, DaemonUnavailable, DevmapdError, PermissionDenied
-except ImportError:  # pragma: no cover - exercised only before devmapd.client exists
-    Client = None  # type: ignore[assignment,misc]
-
-    class DevmapdError(Exception):  # type: ignore[no-redef]
-        code = "internal"
-
-    class DaemonUnavailable(DevmapdError):  # type: ignore[no-redef]
-        code = "unavailable"
-
-    class PermissionDenied(DevmapdError):  # type: ignore[no-redef]
-        code = "forbidden"
+from devmapd.client import Client, DaemonUnavailable, DevmapdError, PermissionDenied  # noqa: F401 (app.py imports the errors from here)
 
 
 class ClientLike(Protocol):
@@ -45,8 +33,6 @@ ClientFactory = Callable[[], ClientLike]
 
 def default_factory(socket: str | None, timeout: float = 10.0) -> ClientFactory:
     def make() -> ClientLike:
-        if Client is None:
-            raise DaemonUnavailable("devmapd.client is not installed in this environment")
         return Client(socket, timeout=timeout)
     return make
 
