@@ -11,6 +11,8 @@ that connection as a client holding each model it fetched until the process exit
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import os
 import socket as _socket
@@ -100,6 +102,17 @@ def default_socket(explicit: str | None = None) -> str:
     if runtime:
         return os.path.join(runtime, "devmapd.sock")
     return f"/tmp/devmapd-{uid}/devmapd.sock"
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _configured_socket() -> str | None:
@@ -255,6 +268,12 @@ class Client:
 
     def fetch(self, name: str, map_location: Any = None) -> Any:
         """What ``torch.load`` would return for model ``name``, its tensors mapped zero-copy."""
+        # Parsing the manifest and building thousands of tensors allocates many small objects
+        # and no cycles; a full collection triggered midway cost ~100 ms for 4,000 tensors.
+        with _gc_paused():
+            return self._fetch(name, map_location)
+
+    def _fetch(self, name: str, map_location: Any) -> Any:
         result, fds = self._call("fetch", {"name": name}, max_fds=P.MAX_FDS_PER_FRAME,
                                  timeout=max(self.timeout, LOAD_TIMEOUT_S))
         try:

@@ -81,7 +81,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         # still shows why every model sits where it does.
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
         self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
-        self._load_queue: asyncio.Queue[str] | None = None
+        self._load_queue: asyncio.PriorityQueue[tuple[tuple, str]] | None = None
         self._queued: set[str] = set()
         self._forced: dict[str, tuple[str, str]] = {}  # name -> (device, why) of a pressure move under way
         self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
@@ -134,7 +134,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         if self.snapshot.backend == "nvml" and self.snapshot.gpus:
             await asyncio.to_thread(self._match_cuda_indices)
         await self._setup_metrics()
-        self._load_queue = asyncio.Queue()
+        self._load_queue = asyncio.PriorityQueue()
         # systemd may hand us the listening socket (socket activation) and, after a restart,
         # the sealed arenas the previous process parked in its fd store.
         from .systemd import LISTEN_FDNAME, listen_socket

@@ -42,7 +42,14 @@ class LoadingMixin:
         if rec.name not in self._queued:
             self._queued.add(rec.name)
             self._pending.setdefault(rec.name, asyncio.Event())
-            self._load_queue.put_nowait(rec.name)
+            self._load_queue.put_nowait((self._load_order(rec), rec.name))
+
+    def _load_order(self, rec: ModelRecord) -> tuple:
+        """Priority-queue key: bigger-first (sizes from the fingerprint, no I/O) or by name."""
+        if self.cfg.placement.preload_order != "bigger-first":
+            return (rec.name,)
+        size = sum(int(f[1]) for f in rec.fingerprint) if rec.fingerprint else 0
+        return (-size, rec.name)
 
     async def _load_worker(self) -> None:
         assert self._load_queue is not None
@@ -84,24 +91,9 @@ class LoadingMixin:
             done.set()
 
     async def _next_to_load(self) -> str:
-        """Bigger-first (or by name) among what is queued right now; no I/O on the loop."""
         assert self._load_queue is not None
-        first = await self._load_queue.get()
-        batch = [first]
-        while not self._load_queue.empty():
-            batch.append(self._load_queue.get_nowait())
-
-        def key(name: str) -> tuple:
-            if self.cfg.placement.preload_order != "bigger-first":
-                return (name,)
-            rec = self.registry.get(name)
-            size = sum(int(f[1]) for f in rec.fingerprint) if rec is not None and rec.fingerprint else 0
-            return (-size, name)
-
-        batch.sort(key=key)
-        for name in batch[1:]:
-            self._load_queue.put_nowait(name)
-        return batch[0]
+        _order, name = await self._load_queue.get()
+        return name
 
     # ------------------------------------------------------------------ one load
     def _read_options(self, rec: ModelRecord) -> checkpoint.ReadOptions:
@@ -282,15 +274,12 @@ class LoadingMixin:
                                    preferred=preferred, device_map=rule.device_map if rule else ())
 
     @staticmethod
-    def _occupying(rec: ModelRecord) -> planner.ModelDemand | None:
-        """A model already in memory (or being read into it), described by what it occupies."""
+    def _occupied_by(rec: ModelRecord) -> dict[str, int]:
+        """What a model holds now plus where an in-flight load of it is going (taken already)."""
         current: dict[str, int] = dict(rec.placement)
-        for device, nbytes in rec.planned.items():  # an in-flight load's target is taken already
+        for device, nbytes in rec.planned.items():
             current[device] = current.get(device, 0) + nbytes
-        if not current:
-            return None
-        return planner.ModelDemand(name=rec.name, bytes=sum(current.values()),
-                                   current=tuple(sorted(current.items())), pin=rec.pin)
+        return current
 
     def _place(self, rec: ModelRecord, insp: Any) -> planner.Placement:
         """Where this model goes now; every other model keeps what it occupies."""
@@ -299,12 +288,17 @@ class LoadingMixin:
             gpus = [planner.DeviceCapacity(id=g.id, total=g.total, free=g.free + rec.placement.get(g.id, 0),
                                            held=max(0, g.held - rec.placement.get(g.id, 0)), lost=g.lost)
                     for g in gpus]
-        demands = [self._demand(rec, insp)]
+        # Every other model stays where it is, so the planner only needs what they occupy per
+        # device: one stand-in per device keeps each placement O(devices), not O(models).
+        occupied: dict[str, int] = {}
         for other in self.registry.records():
             if other is not rec:
-                occupying = self._occupying(other)
-                if occupying is not None:
-                    demands.append(occupying)
+                for device, nbytes in self._occupied_by(other).items():
+                    occupied[device] = occupied.get(device, 0) + nbytes
+        demands = [self._demand(rec, insp)]
+        demands += [planner.ModelDemand(name=f"\0occupied {device}", bytes=nbytes, current=((device, nbytes),),
+                                        pin=device)
+                    for device, nbytes in sorted(occupied.items()) if nbytes]
         return planner.plan(gpus, host, demands, self._policy())[rec.name]
 
     @staticmethod
