@@ -89,6 +89,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
         self._gpu_released = False  # a GPU copy was dropped: collect CUDA IPC blocks at each poll
         self.metrics_server = None
+        self._socket_group = cfg.server.socket_group or None
         self._exit_code = 0
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
@@ -281,7 +282,7 @@ class Daemon(LoadingMixin, ActionsMixin):
                                   server=dataclasses.replace(new.server, socket=self.cfg.server.socket))
             # Everything that can still fail (unknown group names, globals that do not import)
             # is resolved BEFORE anything is applied: a reload applies whole or not at all.
-            policy = self._server_options(new)["policy"]
+            options = self._server_options(new)
             checkpoint.register_allowed_globals(new.safety.allowed_globals)
         except (ConfigError, ValueError, checkpoint.CheckpointError) as exc:
             checkpoint.register_allowed_globals(self.cfg.safety.allowed_globals)
@@ -290,7 +291,12 @@ class Daemon(LoadingMixin, ActionsMixin):
         else:
             self.cfg = new
             if self.server is not None:
-                self.server.set_policy(policy)
+                self.server.set_policy(options["policy"])
+                self.server.set_limits(max_frame=options["max_frame"], idle_timeout_s=options["idle_timeout_s"],
+                                       max_conns_per_uid=options["max_conns_per_uid"],
+                                       request_timeout_s=options["request_timeout_s"])
+                if (options["socket_mode"], options["socket_group"]) != (self.server.socket_mode, self._socket_group):
+                    log.warning("config reload: socket_mode/socket_group changes need a restart")
             logging.getLogger().setLevel(new.log_level.upper())
             log.info("config reloaded from %s", self.config_path or "defaults")
             self.registry.emit({"type": "log", "level": "info", "message": "config reloaded"})
@@ -490,10 +496,26 @@ class Daemon(LoadingMixin, ActionsMixin):
                 log.exception("poll failed; retrying next interval")
             await asyncio.sleep(interval)
 
+    def _evacuate_lost(self) -> None:
+        """Models on a GPU that fell off the bus are read again onto a device that is there."""
+        lost = {d.id: d.error or "lost" for d in (self.snapshot.gpus if self.snapshot else ()) if d.lost}
+        if not lost:
+            return
+        for rec in self.registry.records():
+            gone = [dev for dev in rec.placement if dev in lost]
+            if not gone or rec.state != "ready" or rec.name in self._queued or rec.name in self._loading:
+                continue
+            why = f"{', '.join(gone)} was lost ({lost[gone[0]]})"
+            self._forced[rec.name] = ("", f"moved off {', '.join(gone)}: {why}")
+            self.registry.decision(rec, "demoted", f"{rec.name}: moving off {', '.join(gone)}: {why}",
+                                   source=gone[0], target=None)
+            self._enqueue(rec, f"{rec.name}: moving off {', '.join(gone)}")
+
     def _apply_pressure(self) -> None:
         snap = self.snapshot
         if snap is None or not snap.gpus:
             return
+        self._evacuate_lost()
         holdings = []
         for rec in self.registry.records():
             if rec.state != "ready" or rec.serving is None:

@@ -268,7 +268,7 @@ class LoadingMixin:
         elif rule and rule.devices:
             preferred = rule.devices
         forced = self._forced.get(rec.name)
-        if forced is not None:
+        if forced is not None and forced[0]:  # a pressure move's target ("" = anywhere that is there)
             preferred = (forced[0],)
         return planner.ModelDemand(name=rec.name, bytes=insp.bytes, groups=tuple(insp.groups), pin=rec.pin,
                                    preferred=preferred, device_map=rule.device_map if rule else ())

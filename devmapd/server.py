@@ -158,6 +158,14 @@ class Server:
             p = conn.peer
             conn.peer = dataclasses.replace(p, operator=policy.is_operator(p.uid, p.gid, p.groups))
 
+    def set_limits(self, *, max_frame: int, idle_timeout_s: float, max_conns_per_uid: int,
+                   request_timeout_s: float) -> None:
+        """Apply new limits (config reload); they hold for every request from now on."""
+        self.max_frame = max_frame
+        self.idle_timeout_s = idle_timeout_s
+        self.max_conns_per_uid = max_conns_per_uid
+        self.request_timeout_s = request_timeout_s
+
     async def start(self) -> None:
         if self._listener is None:
             self._listener = self._bind()

@@ -36,6 +36,11 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     if 8 + n > f.size:
         raise diagnose.truncated(path, f"header declares {n} bytes but the file has {f.size - 8}")
     raw = f.pread(n, 8)
+    # Every tensor entry names its dtype: counting them is a cheap upper bound on the tensor
+    # count, so a header of a million entries is refused before json builds a million dicts.
+    declared = raw.count(b'"dtype"')
+    if declared > max_tensors:
+        raise diagnose.too_large(path, f"about {declared} tensors", f"{max_tensors} (checkpoint.max_tensors)")
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
