@@ -227,29 +227,23 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
     from .config import ConfigError
 
-    try:
-        from .client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
-    except ImportError:  # pragma: no cover - the client is part of the package
-        DaemonUnavailable = ModelNotFound = PermissionDenied = DevmapdError = ()  # type: ignore[assignment]
+    # Most specific first: the client's errors are all DevmapdErrors.
+    failures: tuple[tuple[type[BaseException], int, str], ...] = (
+        (ConfigError, EXIT_USAGE, "config error: "),
+        (DaemonUnavailable, EXIT_UNREACHABLE, "daemon unreachable: "),
+        (ModelNotFound, EXIT_NOT_FOUND, ""),
+        (PermissionDenied, EXIT_DENIED, "permission denied: "),
+        (DevmapdError, EXIT_ERROR, ""),
+    )
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"devmapd: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except DaemonUnavailable as exc:
-        print(f"devmapd: daemon unreachable: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except ModelNotFound as exc:
-        print(f"devmapd: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except PermissionDenied as exc:
-        print(f"devmapd: permission denied: {exc}", file=sys.stderr)
-        return EXIT_DENIED
-    except DevmapdError as exc:
-        print(f"devmapd: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    except tuple(kind for kind, _code, _prefix in failures) as exc:
+        code, prefix = next((c, p) for kind, c, p in failures if isinstance(exc, kind))
+        print(f"devmapd: {prefix}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `devmapd status | head`

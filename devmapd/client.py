@@ -11,8 +11,6 @@ that connection as a client holding each model it fetched until the process exit
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import os
 import socket as _socket
@@ -23,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from devmapd import protocol as P
+from devmapd.gcpause import gc_paused
 
 __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
            "ModelUnavailable", "Client", "load", "release", "default_socket"]
@@ -102,17 +101,6 @@ def default_socket(explicit: str | None = None) -> str:
     if runtime:
         return os.path.join(runtime, "devmapd.sock")
     return f"/tmp/devmapd-{uid}/devmapd.sock"
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _configured_socket() -> str | None:
@@ -270,7 +258,7 @@ class Client:
         """What ``torch.load`` would return for model ``name``, its tensors mapped zero-copy."""
         # Parsing the manifest and building thousands of tensors allocates many small objects
         # and no cycles; a full collection triggered midway cost ~100 ms for 4,000 tensors.
-        with _gc_paused():
+        with gc_paused():
             return self._fetch(name, map_location)
 
     def _fetch(self, name: str, map_location: Any) -> Any:
