@@ -584,7 +584,7 @@ class Daemon(LoadingMixin, ActionsMixin):
             self.metrics.observe_fetch(name, time.perf_counter() - started)
         self.registry.changed(rec, f"{name}: fetched by pid {getattr(peer, 'pid', '?')} (uid {getattr(peer, 'uid', '?')})")
         return FetchGrant(manifest=version.manifest_for_client(), fds=version.fds, lease=lease,
-                          model=rec.to_status())
+                          model=rec.to_status(), manifest_json=version.manifest_json)
 
     def release(self, lease: Any) -> None:
         held = self._leases.pop(lease, None)

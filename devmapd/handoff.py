@@ -17,6 +17,7 @@ from . import fdstore
 from .arena import Manifest, SealedSegment
 from .checkpoint import Inspection
 from .loader import ServedVersion, placement_of
+from .protocol import encode_manifest
 
 log = logging.getLogger("devmapd.handoff")
 
@@ -73,4 +74,5 @@ def revive(stored: fdstore.StoredModel) -> ServedVersion:
     insp = inspection_from_facts(stored.extra["inspection"])
     return ServedVersion(generation=stored.generation, manifest=manifest, segments=segments,
                          placement=placement, fingerprint=stored.fingerprint,
-                         load_time_s=float(stored.extra.get("load_time_s", 0.0)), inspection=insp)
+                         load_time_s=float(stored.extra.get("load_time_s", 0.0)), inspection=insp,
+                         manifest_json=encode_manifest(manifest))

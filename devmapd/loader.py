@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from . import checkpoint
 from .arena import Manifest, SealedSegment
+from .protocol import encode_manifest
 
 log = logging.getLogger("devmapd.loader")
 
@@ -37,6 +38,7 @@ class ServedVersion:
     fingerprint: tuple | None = None
     load_time_s: float = 0.0
     inspection: Any = None
+    manifest_json: bytes | None = None  # encoded once, off the event loop (CPU/simulated versions)
 
     @property
     def fds(self) -> list[int | None]:
@@ -135,7 +137,11 @@ def load_version(
                 seg.close()
         raise
     manifest = dataclasses.replace(loaded.manifest, segments=tuple(infos))
+    # Encoding a 4,000-tensor manifest takes tens of ms: do it here, in the load thread, rather
+    # than on the daemon's event loop at the first fetch. GPU manifests differ per fetch (IPC).
+    manifest_json = None if gpu_segments else encode_manifest(manifest)
     return ServedVersion(
+        manifest_json=manifest_json,
         generation=generation,
         manifest=manifest,
         segments=segments,

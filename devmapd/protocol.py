@@ -121,6 +121,7 @@ class FetchGrant:
     fds: list[int | None]   # per manifest segment; the daemon keeps ownership (server never closes them)
     lease: Any              # given back through DaemonAPI.release on `release` or disconnect
     model: dict = field(default_factory=dict)   # the status record of the model served
+    manifest_json: bytes | None = None  # manifest.to_json() already encoded (encode_manifest), if at hand
 
 
 class DaemonAPI(Protocol):
@@ -137,6 +138,11 @@ class DaemonAPI(Protocol):
 # ---------------------------------------------------------------------------------------- framing
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def encode_manifest(manifest: Any) -> bytes:
+    """A manifest as the bytes a fetch reply carries (the daemon encodes it once per version)."""
+    return _dumps(manifest.to_json()).encode("utf-8")
 
 
 def encode_frame(obj: Any) -> bytes:

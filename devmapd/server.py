@@ -649,7 +649,7 @@ class _Conn:
             if len(fds) > P.MAX_FDS_PER_FRAME:
                 raise ApiError(P.TOO_LARGE, f"{name} has {len(fds)} memfd segments; at most "
                                             f"{P.MAX_FDS_PER_FRAME} fit in one reply")
-            manifest_json = self.srv._manifests.get(grant.manifest)
+            manifest_json = grant.manifest_json or self.srv._manifests.get(grant.manifest)
             # Our own duplicates, taken before the next await: the daemon may close its fds
             # (model replaced) while this reply waits for the send lock, and a closed fd number
             # can be reused by anything in the meantime.
