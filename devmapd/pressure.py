@@ -140,7 +140,9 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
             (m for m in models.values()
              if dev in m.parts and not m.pinned and m.name not in moved
              and not _blocked(last, m.name, DEMOTE, now, marks.cooldown_s)),
-            key=lambda m: (m.last_fetch, m.name),
+            # Least recently fetched first; among equals the biggest, which frees the most with the
+            # fewest moves (demoting a few KiB first only to move the big model anyway is churn).
+            key=lambda m: (m.last_fetch, -m.parts[dev], m.name),
         )
         observed = projected_free(dev)  # what triggered the demotions, before any of them
         for m in candidates:

@@ -38,6 +38,14 @@ def test_demotes_least_recently_fetched_until_above_high_to_another_gpu() -> Non
     assert "low watermark" in moves[0].reason
 
 
+def test_among_equally_stale_models_the_biggest_goes_first() -> None:
+    # Nothing fetched yet (a fresh daemon): moving the 4 GiB model alone clears the pressure;
+    # moving the tiny ones first would only churn them back and forth.
+    holdings = [hold("a-tiny", "cuda:0", 0.01), hold("b-tiny", "cuda:0", 0.01), hold("z-big", "cuda:0", 4)]
+    moves, _ = evaluate([gpu(0, 1, held_gib=4.02), gpu(1, 20)], holdings, PressureState(), 0.0, MARKS, POLICY)
+    assert names(moves) == [("z-big", "cuda:0", "cuda:1")]
+
+
 def test_demotes_to_cpu_when_no_gpu_stays_above_high() -> None:
     # cuda:1 has 5 GiB free: taking 2 would leave 3 < high, so it is not a target
     moves, _ = evaluate([gpu(0, 1, held_gib=2), gpu(1, 5)], [hold("a", "cuda:0", 2)], PressureState(), 0.0, MARKS, POLICY)
