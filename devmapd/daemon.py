@@ -522,7 +522,8 @@ class Daemon(LoadingMixin, ActionsMixin):
                 continue
             for device, nbytes in rec.placement.items():
                 holdings.append(pressure.Holding(name=rec.name, device=device, bytes=nbytes,
-                                                 last_fetch=rec.last_fetch or rec.loaded_at or 0.0,
+                                                 # never fetched = least recently fetched (ties go biggest-first)
+                                                 last_fetch=rec.last_fetch or 0.0,
                                                  pinned=rec.pin is not None, home=rec.home))
         gpus, _host = self._capacities()
         p = self.cfg.pressure
