@@ -36,9 +36,9 @@ from .config import Config, ConfigError
 from .config import load as load_config
 from .devices import Snapshot, open_backend
 from .actions import ActionsMixin
-from .loader import ServedVersion
 from .loading import LoadingMixin
 from .registry import ModelRecord, Registry
+from .textfmt import placement_text
 from .watcher import ModelEvent, ModelWatcher
 
 log = logging.getLogger("devmapd")
@@ -75,7 +75,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         self.pressure_state = pressure.PressureState()
         self._generation = itertools.count(1)
         self._lease_ids = itertools.count(1)
-        self._leases: dict[int, tuple[str, ServedVersion]] = {}
+        self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
         # The last decisions, replayed to each new subscriber so a dashboard opened late
         # still shows why every model sits where it does.
@@ -221,8 +221,7 @@ class Daemon(LoadingMixin, ActionsMixin):
             rec.reason = "restored from the systemd fd store after a restart (no disk read)"
             self.registry.add(rec)
             newest = max(newest, version.generation)
-            log.info("%s: restored from the fd store (%s)", name,
-                     ", ".join(f"{d} {n / MIB:.1f} MiB" for d, n in sorted(version.placement.items())))
+            log.info("%s: restored from the fd store (%s)", name, placement_text(version.placement))
         self._generation = itertools.count(newest + 1)
 
     def _new_record(self, name: str, source: Any, fingerprint: tuple | None) -> ModelRecord:
@@ -505,11 +504,9 @@ class Daemon(LoadingMixin, ActionsMixin):
             gone = [dev for dev in rec.placement if dev in lost]
             if not gone or rec.state != "ready" or rec.name in self._queued or rec.name in self._loading:
                 continue
-            why = f"{', '.join(gone)} was lost ({lost[gone[0]]})"
-            self._forced[rec.name] = ("", f"moved off {', '.join(gone)}: {why}")
-            self.registry.decision(rec, "demoted", f"{rec.name}: moving off {', '.join(gone)}: {why}",
-                                   source=gone[0], target=None)
-            self._enqueue(rec, f"{rec.name}: moving off {', '.join(gone)}")
+            where = ", ".join(gone)
+            # "" = no target: the planner picks a device that is there.
+            self._move(rec, "demoted", where, "", f"{where} was lost ({lost[gone[0]]})")
 
     def _apply_pressure(self) -> None:
         snap = self.snapshot
@@ -536,14 +533,22 @@ class Daemon(LoadingMixin, ActionsMixin):
             if rec is None or rec.name in self._queued or rec.state == "loading":
                 continue
             promoting = rec.home is not None and move.target == rec.home
-            action = "promoted" if promoting else "demoted"
             rec.home = None if promoting else (rec.home or move.source)
-            self._forced[rec.name] = (move.target, f"{action} from {move.source}: {move.reason}")
-            if self.metrics is not None and not promoting:
-                self.metrics.count_demotion(rec.name)
-            self.registry.decision(rec, action, f"{rec.name}: {action} {move.source} -> {move.target}: {move.reason}",
-                                   source=move.source, target=move.target)
-            self._enqueue(rec, f"{rec.name}: moving {move.source} -> {move.target}")
+            self._move(rec, "promoted" if promoting else "demoted", move.source, move.target, move.reason)
+
+    def _move(self, rec: ModelRecord, action: str, source: str, target: str, why: str) -> None:
+        """Carry out a move decided here (pressure, a lost GPU): read the model again onto ``target``.
+
+        The current version keeps serving until the new one is ready; ``why`` becomes the
+        model's reason once it lands.
+        """
+        self._forced[rec.name] = (target, f"{action} from {source}: {why}")
+        if self.metrics is not None and action == "demoted":
+            self.metrics.count_demotion(rec.name)
+        arrow = f"{source} -> {target}" if target else f"off {source}"
+        self.registry.decision(rec, action, f"{rec.name}: {action} {arrow}: {why}", source=source,
+                               target=target or None)
+        self._enqueue(rec, f"{rec.name}: moving {arrow}")
 
     def _write_metrics(self) -> None:
         if self.metrics is None or not self.cfg.metrics.textfile:
@@ -577,7 +582,7 @@ class Daemon(LoadingMixin, ActionsMixin):
                 raise ApiError("unavailable", f"{name} could not be loaded: {why}")
         version = rec.serving
         lease = next(self._lease_ids)
-        self._leases[lease] = (name, version)
+        self._leases[lease] = name
         rec.leases[lease] = version.generation
         rec.fetches += 1
         rec.last_fetch = time.time()
@@ -588,10 +593,9 @@ class Daemon(LoadingMixin, ActionsMixin):
                           model=rec.to_status(), manifest_json=version.manifest_json)
 
     def release(self, lease: Any) -> None:
-        held = self._leases.pop(lease, None)
-        if held is None:
+        name = self._leases.pop(lease, None)
+        if name is None:
             return
-        name, _version = held
         rec = self.registry.get(name)
         if rec is not None and rec.leases.pop(lease, None) is not None:
             self.registry.changed(rec, f"{name}: a client released it")

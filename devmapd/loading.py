@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import checkpoint, handoff, planner
 from .loader import ServedVersion, load_version
 from .registry import ModelRecord, TransitionError
-from .textfmt import human_bytes
+from .textfmt import placement_text
 
 log = logging.getLogger("devmapd")
 
@@ -175,7 +175,7 @@ class LoadingMixin:
         if self.metrics is not None:
             self.metrics.observe_load(name, elapsed)
         reason = self._forced.get(name, (None, placement.reason))[1]  # a pressure move says why it moved
-        where = ", ".join(f"{dev} {human_bytes(nbytes)}" for dev, nbytes in sorted(version.placement.items()))
+        where = placement_text(version.placement)
         self.registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({reason})",
                                  placement=dict(version.placement), load_time_s=elapsed, loaded_at=time.time(),
                                  progress=None, error=None, diagnosis=None, reason=reason)

@@ -171,7 +171,10 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
             moved.add(m.name)
             last[m.name] = LastMove(dev, target, now, DEMOTE)
             room_since.pop(m.name, None)
-            progress = "" if before == observed else f"; {fmt_bytes(before)} after earlier demotions"
+            # Say how far short the earlier demotions left it: rounded sizes alone can read as
+            # "128.0 MiB after earlier demotions, until free >= 128.0 MiB" for a few KiB short.
+            progress = "" if before == observed else \
+                f"; still {fmt_bytes(marks.high - before)} short after earlier demotions"
             moves.append(Move(m.name, dev, target, (
                 f"{dev} free {fmt_bytes(observed)} < low watermark {fmt_bytes(marks.low)}: "
                 f"least recently fetched unpinned model goes to {target} until free >= {fmt_bytes(marks.high)}"
