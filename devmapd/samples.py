@@ -203,41 +203,37 @@ def _hf_config(d: Path) -> None:
         "num_hidden_layers": 4, "vocab_size": 32, "torch_dtype": "float32"}, indent=2))
 
 
-def hf_safetensors(d: Path, shards: int = 3) -> Path:
-    """A Hugging Face directory: config.json + model-0000N-of-0000M.safetensors + index."""
-    from safetensors.torch import save_file
-    out = d / "hf-safetensors"
+def _hf_sharded(out: Path, shards: int, shard_name: str, index_name: str,
+                save: Callable[[dict, Path], None]) -> Path:
+    """config.json + ``shards`` weight files named ``shard_name.format(i, shards)`` + the index."""
     out.mkdir(exist_ok=True)
     _hf_config(out)
     sd = tiny_model(tie=False).state_dict()
     weight_map, total = {}, 0
     for i, part in enumerate(_sharded(sd, shards), 1):
-        fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
-        save_file(part, str(out / fname), metadata={"format": "pt"})
+        fname = shard_name.format(i, shards)
+        save(part, out / fname)
         for k, v in part.items():
             weight_map[k] = fname
             total += v.numel() * v.element_size()
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2))
     return out
+
+
+def hf_safetensors(d: Path, shards: int = 3) -> Path:
+    """A Hugging Face directory: config.json + model-0000N-of-0000M.safetensors + index."""
+    from safetensors.torch import save_file
+
+    return _hf_sharded(d / "hf-safetensors", shards, "model-{:05d}-of-{:05d}.safetensors",
+                       "model.safetensors.index.json",
+                       lambda part, path: save_file(part, str(path), metadata={"format": "pt"}))
 
 
 def hf_bin(d: Path, shards: int = 2) -> Path:
     """A Hugging Face directory with pickled shards: pytorch_model-0000N-of-0000M.bin + index."""
-    out = d / "hf-bin"
-    out.mkdir(exist_ok=True)
-    _hf_config(out)
-    sd = tiny_model(tie=False).state_dict()
-    weight_map, total = {}, 0
-    for i, part in enumerate(_sharded(sd, shards), 1):
-        fname = f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
-        torch.save(part, out / fname)
-        for k, v in part.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return out
+    return _hf_sharded(d / "hf-bin", shards, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json",
+                       lambda part, path: torch.save(part, path))
 
 
 def lightning(d: Path) -> Path:
