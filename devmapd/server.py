@@ -110,13 +110,11 @@ class Server:
         self.policy = policy or AccessPolicy()
         self.socket_mode = socket_mode
         self.socket_gid = _group_id(socket_group)
-        self.max_frame = max_frame
-        self.idle_timeout_s = idle_timeout_s
-        self.request_timeout_s = request_timeout_s
+        self.set_limits(max_frame=max_frame, idle_timeout_s=idle_timeout_s, max_conns_per_uid=max_conns_per_uid,
+                        request_timeout_s=request_timeout_s)
         self.frame_timeout_s = frame_timeout_s
         self.write_timeout_s = write_timeout_s
         self.event_timeout_s = event_timeout_s
-        self.max_conns_per_uid = max_conns_per_uid
         self.max_conns = max_conns
         self._listener: socket.socket | None = None
         self._owns_path = False          # we bound the file, so we unlink it on close
