@@ -1,4 +1,4 @@
-"""Daemon cold load: ``devmapd.checkpoint.read`` into a sealed arena vs memcpy vs torch.load.
+"""Daemon cold load: ``devmapd.engine.checkpoint.read`` into a sealed arena vs memcpy vs torch.load.
 
 The page cache is warm, so the limit is memory bandwidth and page faults of the fresh
 destination: one ``memcpy`` from a mapping of the cached file into freshly allocated memory is

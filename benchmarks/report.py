@@ -173,7 +173,7 @@ warm for every peer. Load average at start {meta['loadavg_start'][0]:.1f}, at en
   `devmapd serve` process on a Unix socket.
 - **memory**: N processes hold the model at once, each having read every byte; the figure is the
   growth of their summed PSS (`/proc/<pid>/smaps_rollup`) from before the load to after it.
-- **cold load**: `devmapd.checkpoint.read` (what the daemon runs per model) vs one `memcpy` from a
+- **cold load**: `devmapd.engine.checkpoint.read` (what the daemon runs per model) vs one `memcpy` from a
   mapping of the cached file into freshly allocated memory, vs `torch.load`; rates are payload
   bytes per second; fresh process each, median.
 - **watch**: a checkpoint written under a temporary name is renamed into the watched directory;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from devmapd._version import __version__
 
 _CLIENT_NAMES = ("load", "release", "Client", "DevmapdError", "DaemonUnavailable",
                  "ModelNotFound", "PermissionDenied", "ModelUnavailable", "default_socket")

@@ -1,6 +1,6 @@
 """`python -m devmapd` runs the CLI."""
 import sys
 
-from .cli import main
+from devmapd.cli import main
 
 sys.exit(main())

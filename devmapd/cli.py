@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from . import __version__
+from devmapd._version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_UNSERVABLE = range(7)
 
@@ -72,12 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(p)
 
     p = sub.add_parser("demo", help="sample checkpoints + simulated GPUs + the dashboard")
-    from .demo import add_arguments as add_demo_arguments
+    from devmapd.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(p)
 
     p = sub.add_parser("install-service", help="install the systemd service (see README, Operations)")
-    from .install import add_arguments
+    from devmapd.service.install import add_arguments
 
     add_arguments(p)
     return parser
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import config as configmod
-    from .daemon import serve
+    from devmapd import config as configmod
+    from devmapd.daemon.lifecycle import serve
 
     cfg = configmod.load(args.config)
 
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             changes["server"] = dataclasses.replace(c.server, socket=args.socket)
         elif os.geteuid() != 0 and c.server.socket == configmod.ServerConfig().socket:
             # A user's own daemon cannot create /run/devmapd: use the per-user path clients look at.
-            from .client import default_socket
+            from devmapd.client import default_socket
 
             changes["server"] = dataclasses.replace(c.server, socket=default_socket())
         if args.simulate:
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _configure_logging(level: str) -> None:
     try:
-        from .systemd import configure_logging, running_under_systemd
+        from devmapd.service.systemd import configure_logging, running_under_systemd
 
         configure_logging(level, running_under_systemd())
     except ImportError:
@@ -127,13 +127,13 @@ def _configure_logging(level: str) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from .client import Client
+    from devmapd.client import Client
 
     return Client(args.socket)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .textfmt import status_text
+    from devmapd.textfmt import status_text
 
     with _client(args) as client:
         status = client.status()
@@ -160,7 +160,7 @@ def _action(op: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import checkpoint
+    from devmapd.engine import checkpoint
 
     insp = checkpoint.inspect(args.path)
     if args.json:
@@ -174,7 +174,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     import torch
 
-    from .textfmt import human_bytes
+    from devmapd.textfmt import human_bytes
 
     started = time.perf_counter()
     with _client(args) as client:
@@ -207,13 +207,13 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from devmapd.demo import run
 
     return run(args)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from .install import run
+    from devmapd.service.install import run
 
     return run(args)
 
@@ -227,8 +227,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
-    from .config import ConfigError
+    from devmapd.client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
+    from devmapd.config import ConfigError
 
     # Most specific first: the client's errors are all DevmapdErrors.
     failures: tuple[tuple[type[BaseException], int, str], ...] = (

@@ -20,8 +20,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from devmapd import protocol as P
-from devmapd.gcpause import gc_paused
+from devmapd.wire import protocol as P
+from devmapd.engine.gcpause import gc_paused
 
 __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
            "ModelUnavailable", "Client", "load", "release", "default_socket"]
@@ -105,7 +105,7 @@ def default_socket(explicit: str | None = None) -> str:
 
 def _configured_socket() -> str | None:
     """``server.socket`` of the system config, when one exists and is readable."""
-    from .config import DEFAULT_CONFIG_PATH, ConfigError, load
+    from devmapd.config import DEFAULT_CONFIG_PATH, ConfigError, load
 
     if not os.path.exists(DEFAULT_CONFIG_PATH):
         return None
@@ -279,7 +279,7 @@ class Client:
 
     @staticmethod
     def _build(name: str, result: Any, fds: list[int], map_location: Any) -> Any:
-        from devmapd import arena   # torch: only now
+        from devmapd.engine import arena   # torch: only now
         try:
             manifest = arena.Manifest.from_json(result["manifest"])
         except (TypeError, KeyError) as e:
@@ -296,6 +296,8 @@ class Client:
                                "bad_reply")
         it = iter(fds)
         per_segment = [next(it) if carried else None for carried in carries_fd]
+        if any(s.kind == "cuda-ipc" for s in manifest.segments):
+            from devmapd.gpu import cuda_share  # noqa: F401  (registers the cuda-ipc importer)
         try:
             return arena.build(manifest, per_segment, map_location)
         except arena.ArenaError as e:

@@ -98,7 +98,7 @@ def write_demo_models(model_dir: Path, *, tiny: bool = False) -> dict[str, Path]
     `tiny` leaves out the two MiB-sized ones (quick checks of the demo itself)."""
     import torch
 
-    from . import samples
+    from devmapd import samples
 
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir.parent / "staging"
@@ -161,7 +161,7 @@ def apply_pressure(info: DemoInfo, on: bool) -> str:
 
 def _held_per_gpu(socket: str) -> dict[str, int]:
     try:
-        from .client import Client
+        from devmapd.client import Client
         with Client(socket, timeout=5.0) as client:
             status = client.status()
     except Exception:
@@ -261,7 +261,7 @@ class DemoDaemon:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
-        from .client import Client, DaemonUnavailable
+        from devmapd.client import Client, DaemonUnavailable
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -322,7 +322,7 @@ def format_status(status: dict) -> str:
 
 def _settle(socket: str, timeout: float = 30.0) -> dict:
     """Wait until no model is queued or loading (or the timeout), and return that status."""
-    from .client import Client
+    from devmapd.client import Client
 
     deadline = time.monotonic() + timeout
     with Client(socket, timeout=5.0) as client:
@@ -335,7 +335,7 @@ def _settle(socket: str, timeout: float = 30.0) -> dict:
 
 
 def run_headless(daemon: DemoDaemon, exit_after: float | None) -> int:
-    from .client import Client
+    from devmapd.client import Client
 
     status = _settle(daemon.socket)
     print(format_status(status), flush=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .planner import DeviceCapacity, Policy, capacity, charge, fmt_bytes
+from devmapd.planner import DeviceCapacity, Policy, capacity, charge, fmt_bytes
 
 __all__ = ["Holding", "Watermarks", "Move", "PressureState", "evaluate"]
 

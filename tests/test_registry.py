@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devmapd.registry import ModelRecord, Registry, TransitionError
+from devmapd.daemon.registry import ModelRecord, Registry, TransitionError
 
 
 def test_transitions_emit_one_event_each_with_the_status_record() -> None:

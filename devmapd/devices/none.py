@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from . import MEMINFO_PATH, Snapshot, read_host_memory
+from devmapd.devices.base import MEMINFO_PATH, Snapshot, read_host_memory
 
 
 class NoneBackend:

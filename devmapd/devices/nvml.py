@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from . import (
+from devmapd.devices.base import (
     MEMINFO_PATH,
     CallerBusy,
     CallTimeout,

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from . import (
+from devmapd.devices.base import (
     MEMINFO_PATH,
     CallerBusy,
     CallTimeout,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from devmapd import arena, tree
+from devmapd.engine import arena, tree
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devmapd import arena
+from devmapd.engine import arena
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -365,7 +365,7 @@ def test_client_write_does_not_reach_the_arena_or_other_clients(tmp_path, packer
 
 _CHILD = r"""
 import json, sys, torch
-from devmapd import arena
+from devmapd.engine import arena
 req = json.loads(sys.stdin.read())
 obj = arena.build(arena.Manifest.from_json(req["manifest"]), [req["fd"]])
 print(json.dumps({k: obj[k].double().sum().item() for k in req["keys"]}))

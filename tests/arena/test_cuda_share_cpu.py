@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from devmapd import arena, cuda_share
+from devmapd.engine import arena
+
+from devmapd.gpu import cuda_share
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devmapd import arena, mapping
-from devmapd.mapping import DeviceMismatchError
+from devmapd.engine import arena, mapping
+from devmapd.engine.mapping import DeviceMismatchError
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devmapd import tree
+from devmapd.engine import tree
 
 
 def _roundtrip(obj):

@@ -96,7 +96,7 @@ def assert_same(got: Any, want: Any, where: str = "<top>") -> None:
 
 
 def strip_like(obj: Any, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> Any:
-    """The expected result of prefix stripping, computed independently of devmapd.normalize."""
+    """The expected result of prefix stripping, computed independently of devmapd.engine.normalize."""
     if isinstance(obj, dict):
         keys = list(obj)
         if keys and all(isinstance(k, str) for k in keys) and any(isinstance(v, torch.Tensor) for v in obj.values()):

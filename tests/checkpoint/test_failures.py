@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from devmapd import arena, checkpoint, samples
-from devmapd.checkpoint import CheckpointError, ReadOptions, inspect, read
-from devmapd.diagnose import diagnose_exception
+from devmapd.engine import arena, checkpoint
+
+from devmapd import samples
+from devmapd.engine.checkpoint import CheckpointError, ReadOptions, inspect, read
+from devmapd.engine.diagnose import diagnose_exception
 
 
 def read_error(path, options: ReadOptions = ReadOptions(), **kw) -> checkpoint.Diagnosis:
@@ -224,7 +226,7 @@ def test_permission_denied_unprivileged(private_copy, tmp_path):
     p.chmod(0)
     code = (
         "import json, sys\n"
-        "from devmapd.checkpoint import inspect, read, CheckpointError\n"
+        "from devmapd.engine.checkpoint import inspect, read, CheckpointError\n"
         "i = inspect(sys.argv[1])\n"
         "try:\n"
         "    read(sys.argv[1]); r = None\n"

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from devmapd import checkpoint, samples
-from devmapd.checkpoint import inspect
+from devmapd.engine import checkpoint
+
+from devmapd import samples
+from devmapd.engine.checkpoint import inspect
 
 
 def _storage_bytes(obj) -> tuple[int, dict[str, int]]:

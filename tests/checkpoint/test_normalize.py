@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from devmapd import normalize
-from devmapd.normalize import group_of, target_dtype, walk
+from devmapd.engine import normalize
+from devmapd.engine.normalize import group_of, target_dtype, walk
 
 
 def test_paths_containers_and_stacked_prefixes():
@@ -74,7 +74,7 @@ def test_target_dtype(dtype, device, opts, want):
 
 
 def test_deep_or_huge_structures_are_refused():
-    from devmapd.diagnose import CheckpointError
+    from devmapd.engine.diagnose import CheckpointError
     deep: list = []
     node = deep
     for _ in range(normalize.MAX_DEPTH + 5):

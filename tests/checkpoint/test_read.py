@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from devmapd import arena, checkpoint, samples
-from devmapd.checkpoint import ReadOptions, read
+from devmapd.engine import arena, checkpoint
+
+from devmapd import samples
+from devmapd.engine.checkpoint import ReadOptions, read
 
 
 def fetch(lm: checkpoint.LoadedModel):
@@ -235,7 +237,7 @@ def test_hf_cache_layout_with_symlinked_blobs(sample_paths, tmp_path, helpers):
 
 def test_fingerprint_matches_names_fingerprint(sample_paths):
     """The daemon compares read()'s fingerprint with the watcher's (names.fingerprint)."""
-    names = pytest.importorskip("devmapd.names")
+    names = pytest.importorskip("devmapd.daemon.names")
     for kind in ("plain", "hf_safetensors"):
         path = sample_paths[kind]
         src = names.ModelSource(name=path.stem, path=path, kind="hf-dir" if path.is_dir() else "file",

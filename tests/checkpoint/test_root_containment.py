@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from devmapd import checkpoint
+from devmapd.engine import checkpoint
 
 
 def test_symlink_leaving_the_root_is_refused_after_open(tmp_path: Path) -> None:

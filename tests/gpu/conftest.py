@@ -306,7 +306,7 @@ for line in sys.stdin:
         if cmd == "init":
             # Pay every one-time cost before anything is measured: imports, the CUDA context,
             # the connection.
-            import devmapd.arena, devmapd.cuda_share, torch.multiprocessing.reductions
+            import devmapd.engine.arena, devmapd.gpu.cuda_share, torch.multiprocessing.reductions
             from devmapd.client import Client
             torch.cuda.init()
             torch.ones(1, device="cuda").add_(1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from devmapd import arena, tree
+from devmapd.engine import arena, tree
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,7 +69,7 @@ def model():
 
 _CONSUMER = r"""
 import json, sys, torch
-from devmapd import arena
+from devmapd.engine import arena
 req = json.loads(sys.stdin.read())
 m = arena.Manifest.from_json(req["manifest"])
 obj = arena.build(m, [None] * len(m.segments), map_location=req.get("map_location"))
@@ -93,7 +93,7 @@ def _consume(manifest: arena.Manifest, *, env=None, map_location=None, write=Fal
 
 
 def test_upload_puts_the_segment_bytes_on_the_gpu(model):
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     obj, m, seg = model
     gpu = cuda_share.GpuSegment.upload(seg, 0)
     try:
@@ -109,7 +109,7 @@ def test_upload_puts_the_segment_bytes_on_the_gpu(model):
 
 
 def test_large_upload_uses_the_staging_path(tmp_path):
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     n = (200 << 20) + 12345                    # > 3 staging chunks, odd tail
     data = torch.randint(0, 255, (n,), dtype=torch.uint8)
     b = arena.ArenaBuilder("big", n)
@@ -127,7 +127,7 @@ def test_large_upload_uses_the_staging_path(tmp_path):
 
 
 def test_another_process_imports_by_uuid_and_gets_the_same_tensors(model):
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     obj, m, seg = model
     gpu = cuda_share.GpuSegment.upload(seg, 0)
     try:
@@ -149,7 +149,7 @@ def test_another_process_imports_by_uuid_and_gets_the_same_tensors(model):
 
 
 def test_cuda_visible_devices_by_uuid_and_hidden(model):
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     _obj, m, seg = model
     gpu = cuda_share.GpuSegment.upload(seg, 0)
     try:
@@ -168,7 +168,7 @@ def test_cuda_visible_devices_by_uuid_and_hidden(model):
 
 
 def test_gpu_memory_is_freed_only_after_every_consumer_let_go(model):
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     _obj, _m, seg = model
     gc.collect()
     torch.cuda.synchronize()
@@ -188,7 +188,7 @@ def test_gpu_memory_is_freed_only_after_every_consumer_let_go(model):
 
 def test_a_client_write_on_the_gpu_is_shared_not_private(model):
     # Documented limit: CUDA IPC maps the daemon's memory itself, no copy-on-write.
-    from devmapd import cuda_share
+    from devmapd.gpu import cuda_share
     _obj, m, seg = model
     gpu = cuda_share.GpuSegment.upload(seg, 0)
     try:

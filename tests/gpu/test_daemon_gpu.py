@@ -360,7 +360,8 @@ def test_pressure_demotes_to_cpu_then_promotes_back(gpu_daemon_factory, gpu0, py
 
 _CHAIN_SRC = r"""
 import sys, time, torch
-from devmapd import arena, cuda_share
+from devmapd.engine import arena
+from devmapd.gpu import cuda_share
 n = int(sys.argv[1])
 b = arena.ArenaBuilder("chain", 4 << 20)
 b.write_at(0, torch.zeros(4 << 20, dtype=torch.uint8))
@@ -422,7 +423,7 @@ def test_client_tensors_stay_valid_when_the_daemon_stops(gpu_daemon_factory, cli
 
 _ALIAS_CONSUMER = r"""
 import json, sys, torch
-from devmapd import cuda_share
+from devmapd.gpu import cuda_share
 p = json.loads(sys.stdin.readline())
 buf = cuda_share.import_segment(p, p["device_uuid"])
 print(json.dumps({"sum": int(buf.sum(dtype=torch.int64).item())}), flush=True)
@@ -440,7 +441,9 @@ def test_per_fetch_alias_export_ties_the_block_to_its_client():
     importer holds it. (Tests torch's behaviour, which that fix relies on.)"""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    from devmapd import arena, cuda_share
+    from devmapd.engine import arena
+
+    from devmapd.gpu import cuda_share
 
     n = 64 << 20
     data = (torch.arange(n, dtype=torch.int64) % 251).to(torch.uint8)

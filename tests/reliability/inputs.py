@@ -189,7 +189,7 @@ class OnLoading:
     def __init__(self, socket_path: str, name: str, action) -> None:
         import threading
 
-        from devmapd import protocol as P
+        from devmapd.wire import protocol as P
 
         self._P = P
         self.name, self.action = name, action

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from devmapd import protocol as P
+from devmapd.wire import protocol as P
 from devmapd.client import Client, DevmapdError
 from tests.harness import ROOT, sim_gpu
 from tests.reliability import inputs as I

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from devmapd import protocol as P
+from devmapd.wire import protocol as P
 from devmapd.client import DevmapdError
 from tests.harness import sim_gpu
 from tests.reliability import inputs as I

@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 import torch
 
-from devmapd import protocol as P
+from devmapd.wire import protocol as P
 from devmapd.client import Client, DevmapdError
 from tests.harness import sim_gpu
 from tests.reliability import inputs as I

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-from devmapd import arena, fdstore, names, systemd
+from devmapd.engine import arena
+
+from devmapd.service import fdstore, systemd
+
+from devmapd.daemon import names
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from devmapd.systemd import Notifier
+from devmapd.service.systemd import Notifier
 
 
 def test_a_full_notify_queue_costs_a_bounded_wait_and_reports_the_loss(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import devmapd
-from devmapd import daemon as daemon_module
+from devmapd.daemon import lifecycle as daemon_module
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMON_SOURCE = Path(daemon_module.__file__).read_text()
@@ -188,7 +188,7 @@ needs_socket_activation = pytest.mark.skipif(
 )
 needs_fd_store = pytest.mark.skipif(
     "fdstore" not in DAEMON_SOURCE,
-    reason="daemon.py does not use devmapd.fdstore yet (wiring requested in issue 8's report)",
+    reason="daemon.py does not use devmapd.service.fdstore yet (wiring requested in issue 8's report)",
 )
 
 

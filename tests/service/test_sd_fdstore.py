@@ -1,7 +1,7 @@
 """Restart without reloading: the fd store round trip through a real datagram socket.
 
 The test plays the first daemon (reads real torch checkpoints into sealed memfds with
-devmapd.checkpoint, stores them with fdstore.stash), FakeSystemd plays systemd (receives the
+devmapd.engine.checkpoint, stores them with fdstore.stash), FakeSystemd plays systemd (receives the
 fds with recvmsg and keeps them), then a fresh process gets them back as LISTEN_FDS and
 rebuilds the models without reading the files; changed and deleted files are dropped with
 FDSTOREREMOVE.
@@ -21,8 +21,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devmapd import checkpoint, fdstore, names
-from devmapd.systemd import Notifier
+from devmapd.engine import checkpoint
+
+from devmapd.service import fdstore
+
+from devmapd.daemon import names
+from devmapd.service.systemd import Notifier
 
 HERE = Path(__file__).resolve().parent
 

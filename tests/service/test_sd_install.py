@@ -7,7 +7,7 @@ import stat
 import sys
 from pathlib import Path
 
-from devmapd import install
+from devmapd.service import install
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {

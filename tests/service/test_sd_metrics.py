@@ -1,4 +1,4 @@
-"""Prometheus exposition: rendered by devmapd.metrics, parsed by prometheus_client's own parser."""
+"""Prometheus exposition: rendered by devmapd.service.metrics, parsed by prometheus_client's own parser."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from devmapd.metrics import CONTENT_TYPE, FETCH_BUCKETS, Metrics, MetricsHTTPServer, write_textfile
+from devmapd.service.metrics import CONTENT_TYPE, FETCH_BUCKETS, Metrics, MetricsHTTPServer, write_textfile
 
 GIB = 1 << 30
 STATUS = {

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from devmapd import systemd
-from devmapd.systemd import Notifier
+from devmapd.service import systemd
+from devmapd.service.systemd import Notifier
 
 
 def test_notify_sequence_over_a_real_datagram_socket(fake_systemd):
@@ -106,7 +106,7 @@ def test_running_under_systemd_detection():
 
 LISTEN_CHILD = r"""
 import fcntl, json, os, sys
-from devmapd import systemd
+from devmapd.service import systemd
 before = {k: os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
 fds = systemd.listen_fds()
 sock = systemd.listen_socket(fds)
@@ -167,7 +167,7 @@ def test_listen_fds_ignores_fds_meant_for_another_pid(monkeypatch):
 
 JOURNAL_CHILD = r"""
 import logging, sys
-from devmapd.systemd import configure_logging
+from devmapd.service.systemd import configure_logging
 configure_logging("debug", under_systemd=None)
 configure_logging("debug", under_systemd=None)   # idempotent: still one handler
 log = logging.getLogger("devmapd.test")

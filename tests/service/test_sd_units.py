@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devmapd import install, systemd
+from devmapd.service import install, systemd
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"

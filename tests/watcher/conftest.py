@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 
-from devmapd.watcher import ModelEvent, ModelWatcher
+from devmapd.daemon.watcher import ModelEvent, ModelWatcher
 
 SETTLE_S = 0.25
 

@@ -22,7 +22,7 @@ while len(held) < 4096:          # use up fs.inotify.max_user_instances (or the 
         break
     held.append(fd)
 assert ctypes.get_errno() in (24, 23), ctypes.get_errno()     # EMFILE / ENFILE
-from devmapd.watcher import ModelWatcher
+from devmapd.daemon.watcher import ModelWatcher
 
 async def main():
     q = asyncio.Queue()

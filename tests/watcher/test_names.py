@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from devmapd import names
+from devmapd.daemon import names
 
 pytestmark = pytest.mark.timeout(30)
 

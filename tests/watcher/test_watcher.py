@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from devmapd import names
-from devmapd.watcher import ModelWatcher
+from devmapd.daemon import names
+from devmapd.daemon.watcher import ModelWatcher
 
 from .conftest import SETTLE_S, names_of
 

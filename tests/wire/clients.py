@@ -106,7 +106,7 @@ def cmd_memfd(sock: str, name: str) -> None:
     import mmap
 
     from devmapd.client import Client
-    from devmapd.protocol import MAX_FDS_PER_FRAME, close_fds
+    from devmapd.wire.protocol import MAX_FDS_PER_FRAME, close_fds
     out: dict[str, Any] = {}
     with Client(sock) as c:
         result, fds = c._call("fetch", {"name": name}, max_fds=MAX_FDS_PER_FRAME)
@@ -145,7 +145,7 @@ def cmd_pss(sock: str, name: str) -> None:
     import torch  # noqa: F401  (imported before the baseline so it is not counted as the model)
 
     import devmapd
-    import devmapd.arena  # noqa: F401
+    import devmapd.engine.arena  # noqa: F401
     say({"phase": "ready", "pss_kb": pss_kb()})
     sys.stdin.readline()
     got = devmapd.load(name, socket=sock)
@@ -214,7 +214,7 @@ def cmd_rawfetch(sock: str, name: str) -> None:
     import socket
     import time
 
-    from devmapd import protocol as P
+    from devmapd.wire import protocol as P
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock)
     P.send_frame(s, P.request(1, "fetch", {"name": name}))

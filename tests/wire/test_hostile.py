@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from devmapd import protocol as P
+from devmapd.wire import protocol as P
 from tests.wire.conftest import WireDaemon, fd_count, wait_for
 
 

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from devmapd import protocol as P
+from devmapd.wire import protocol as P
 from devmapd.client import Client, DaemonUnavailable, default_socket
-from devmapd.peercred import AccessPolicy, identify, peer_groups
-from devmapd.server import Server, ServerError
+from devmapd.wire.peercred import AccessPolicy, identify, peer_groups
+from devmapd.wire.server import Server, ServerError
 
 from tests.wire.conftest import REPO
 
@@ -138,7 +138,7 @@ def test_default_socket_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_import_devmapd_does_not_import_torch() -> None:
-    code = ("import sys, devmapd; devmapd.Client; devmapd.DevmapdError; import devmapd.server; "
+    code = ("import sys, devmapd; devmapd.Client; devmapd.DevmapdError; import devmapd.wire.server; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=60)

@@ -2,7 +2,7 @@
 
 Run as ``python -m tests.wire.wiredaemon CONFIG.json`` (a separate process; clients connect from
 other, unrelated processes). It implements protocol.DaemonAPI over arenas built from the
-``*.pt`` files of ``model_dir``: with ``devmapd.checkpoint.read`` when that module exists, else
+``*.pt`` files of ``model_dir``: with ``devmapd.engine.checkpoint.read`` when that module exists, else
 directly with ``arena.ArenaBuilder`` from ``torch.load(weights_only=True)``.
 
 Config keys: socket, model_dir, socket_mode, fetch_uids, fetch_groups, operator_uids,
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from devmapd import arena, tree
-from devmapd.peercred import AccessPolicy
-from devmapd.protocol import ApiError, FetchGrant, Peer
-from devmapd.server import Server
+from devmapd.engine import arena, tree
+from devmapd.wire.peercred import AccessPolicy
+from devmapd.wire.protocol import ApiError, FetchGrant, Peer
+from devmapd.wire.server import Server
 
 
 def build_with_arena_builder(path: Path, name: str) -> tuple[arena.Manifest, list[arena.SealedSegment]]:
@@ -76,7 +76,7 @@ def build_with_arena_builder(path: Path, name: str) -> tuple[arena.Manifest, lis
 
 def build(path: Path, name: str) -> tuple[arena.Manifest, list[arena.SealedSegment], str]:
     try:
-        from devmapd import checkpoint
+        from devmapd.engine import checkpoint
         read = checkpoint.read
     except (ImportError, AttributeError):
         manifest, segments = build_with_arena_builder(path, name)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # only for annotations: importing arena pulls in torch
     import asyncio
 
-    from devmapd.arena import Manifest
+    from devmapd.engine.arena import Manifest
 
 __all__ = [
     "PROTOCOL_VERSION", "HEADER", "DEFAULT_MAX_FRAME", "CLIENT_MAX_FRAME", "MAX_FDS_PER_FRAME",

@@ -33,14 +33,14 @@ import time
 import weakref
 from typing import Any
 
-from devmapd import protocol as P
-from devmapd.peercred import AccessPolicy, gid_of, identify
-from devmapd.protocol import ApiError, DaemonAPI, FetchGrant, Peer, ProtocolError
+from devmapd.wire import protocol as P
+from devmapd.wire.peercred import AccessPolicy, gid_of, identify
+from devmapd.wire.protocol import ApiError, DaemonAPI, FetchGrant, Peer, ProtocolError
 
 # ApiError/FetchGrant/Peer are re-exported: the daemon imports them from here.
 __all__ = ["Server", "ServerError", "ApiError", "FetchGrant", "Peer", "AccessPolicy"]
 
-log = logging.getLogger("devmapd.server")
+log = logging.getLogger("devmapd.wire.server")
 
 _RECV_CHUNK = 64 << 10
 _MAX_LEASES_PER_CONN = 4096
@@ -345,7 +345,7 @@ class Server:
     # ------------------------------------------------------------------ helpers for _Conn
 
     def hello(self, peer: Peer) -> dict:
-        from devmapd import __version__
+        from devmapd._version import __version__
         try:
             d = self.api.status().get("daemon", {}) or {}
         except Exception:   # hello must answer even when status is broken

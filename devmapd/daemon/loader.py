@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import checkpoint
-from .arena import Manifest, SealedSegment
-from .protocol import encode_manifest
+from devmapd.engine import checkpoint
+from devmapd.engine.arena import Manifest, SealedSegment
+from devmapd.wire.protocol import encode_manifest
 
-log = logging.getLogger("devmapd.loader")
+log = logging.getLogger("devmapd.daemon.loader")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ServedVersion:
         """
         if not self.gpu_segments:
             return self.manifest
-        from . import cuda_share
+        from devmapd.gpu import cuda_share
 
         manifest, _payloads = cuda_share.manifest_for_client(self.manifest, self.gpu_segments)
         segments = list(manifest.segments)
@@ -117,7 +117,7 @@ def load_version(
             index = cuda_index_of(info.device)
             if index is None:
                 continue
-            from . import cuda_share  # imported only when a real GPU is in play
+            from devmapd.gpu import cuda_share  # imported only when a real GPU is in play
 
             sealed = segments[i]
             assert sealed is not None

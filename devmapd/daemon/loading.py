@@ -21,10 +21,14 @@ import logging
 import time
 from typing import Any, Callable
 
-from . import checkpoint, handoff, planner
-from .loader import ServedVersion, load_version
-from .registry import ModelRecord, TransitionError
-from .textfmt import placement_text
+from devmapd.engine import checkpoint
+
+from devmapd.daemon import handoff
+
+from devmapd import planner
+from devmapd.daemon.loader import ServedVersion, load_version
+from devmapd.daemon.registry import ModelRecord, TransitionError
+from devmapd.textfmt import placement_text
 
 log = logging.getLogger("devmapd")
 
@@ -305,7 +309,7 @@ class LoadingMixin:
     def _device_of(placement: planner.Placement) -> Callable[[str], str]:
         devices = dict(placement.devices)
         if placement.kind == "split" and placement.group_devices:
-            from .normalize import group_of
+            from devmapd.engine.normalize import group_of
 
             groups = dict(placement.group_devices)
             fallback = next(iter(devices), "cpu")

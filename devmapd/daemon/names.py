@@ -35,6 +35,8 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devmapd.engine.filenames import WEIGHT_SUFFIXES, is_temporary
+
 __all__ = [
     "WEIGHT_SUFFIXES",
     "SUFFIX_PRIORITY",
@@ -51,10 +53,8 @@ __all__ = [
     "fingerprint",
 ]
 
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 # Deterministic winner when two files map to one name: safetensors cannot run code on load.
 SUFFIX_PRIORITY = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
-_TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".crdownload")
 _HF_MARKER = "config.json"
 _INDEX_SUFFIX = ".index.json"
 # A shard index is a small JSON map; anything bigger is not one, and we will not read it.
@@ -86,15 +86,6 @@ class NameError_(ValueError):
 class UnknownModel(NameError_):
     """The name is well-formed but no model of that name exists in the model directory."""
 
-
-def is_temporary(name: str) -> bool:
-    """True for names that are work in progress or hidden: never models, never scanned into."""
-    base = name.rsplit("/", 1)[-1]
-    if not base or base.startswith(".") or base.endswith("~"):
-        return True
-    if len(base) >= 2 and base.startswith("#") and base.endswith("#"):
-        return True
-    return base.lower().endswith(_TEMP_SUFFIXES)
 
 
 def weight_stem(filename: str) -> tuple[str, str] | None:

@@ -64,7 +64,7 @@ def find_sources() -> Sources:
     """The files to install: a source checkout / editable install first, then the data files
     of a wheel (sys.prefix/share/devmapd), so the same code works from git and from pip."""
     here = Path(__file__).resolve().parent
-    candidates = [here.parent, Path(sys.prefix) / "share" / "devmapd", here / "data"]
+    candidates = [here.parent.parent, Path(sys.prefix) / "share" / "devmapd", here / "data"]
     for base in candidates:
         unit_dir = base / "systemd"
         if (unit_dir / "devmapd.service").is_file():

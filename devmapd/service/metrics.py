@@ -126,7 +126,7 @@ class Metrics:
 
     def __init__(self, version: str | None = None) -> None:
         if version is None:
-            from devmapd import __version__ as version
+            from devmapd._version import __version__ as version
         self.version = version
         self._lock = threading.Lock()
         self._fetch: dict[str, _Histogram] = {}

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import fdstore
-from .arena import Manifest, SealedSegment
-from .checkpoint import Inspection
-from .loader import ServedVersion, placement_of
-from .protocol import encode_manifest
+from devmapd.service import fdstore
+from devmapd.engine.arena import Manifest, SealedSegment
+from devmapd.engine.checkpoint import Inspection
+from devmapd.daemon.loader import ServedVersion, placement_of
+from devmapd.wire.protocol import encode_manifest
 
-log = logging.getLogger("devmapd.handoff")
+log = logging.getLogger("devmapd.daemon.handoff")
 
 
 def inspection_facts(insp: Inspection) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import diagnose
+from devmapd.engine import diagnose
 
 DEFAULT_PREFIXES = ("module.", "_orig_mod.")
 MAX_DEPTH = 150

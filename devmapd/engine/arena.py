@@ -20,14 +20,14 @@ import fcntl
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import tree
-from .gcpause import gc_paused
+from devmapd.engine import tree
+from devmapd.engine.gcpause import gc_paused
 
 __all__ = [
     "ALIGN", "ArenaError", "SegmentInfo", "TensorEntry", "Manifest", "ArenaBuilder",
@@ -54,6 +54,25 @@ _COPY_CHUNK = 8 << 20
 
 class ArenaError(Exception):
     """An arena or manifest problem; the message says what is wrong and what to do."""
+
+
+class SegmentImportError(ArenaError):
+    """A non-memfd segment (a GPU buffer) cannot be mapped here; its host copy may serve."""
+
+
+# Mappers for segment kinds that are not memfds, keyed by SegmentInfo.kind. The GPU package
+# registers "cuda-ipc" when it is imported (the client imports it only for a manifest that
+# holds such a segment), so this module never imports the GPU code: the arena stays the
+# bottom layer that both the daemon and the client build on.
+SegmentImporter = Callable[["Manifest", int, list], None]
+_IMPORTERS: dict[str, SegmentImporter] = {}
+
+
+def register_importer(kind: str, importer: SegmentImporter) -> None:
+    """Let ``attach`` map segments of ``kind``: ``importer(manifest, index, out)`` fills ``out``
+    with the tensors of segment ``index`` or raises SegmentImportError."""
+    _IMPORTERS[kind] = importer
+
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -466,7 +485,7 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
     ``fds[i]`` is segment i's sealed memfd; for a cuda-ipc segment it is None, or the memfd of
     its host copy, which is used (with a RuntimeWarning) when the CUDA import is impossible
     here (no GPU visible, other container, driver refuses). Without it that raises
-    cuda_share.CudaShareError. The caller keeps ownership of ``fds``: closing them afterwards
+    SegmentImportError (cuda_share.CudaShareError). The caller keeps ownership of ``fds``: closing them afterwards
     is fine, the mappings stay.
     """
     if len(fds) != len(manifest.segments):
@@ -483,23 +502,21 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
                     raise ArenaError(f"segment {si} ({seg.device}) is a memfd but no fd came "
                                      "with it; the daemon reply is incomplete")
                 tensors_on_storage(_map_segment(fd, seg.nbytes), manifest, si, out)
-            elif seg.kind == "cuda-ipc":
-                from . import cuda_share   # only clients with GPU segments pay for this import
-                if seg.ipc is None or seg.device_uuid is None:
-                    raise ArenaError(f"cuda-ipc segment {si} lacks its handle or device UUID")
+            else:
+                importer = _IMPORTERS.get(seg.kind)
+                if importer is None:
+                    raise ArenaError(f"segment {si} ({seg.device}) is a {seg.kind!r} segment and "
+                                     "nothing in this process can map it; upgrade the client, or "
+                                     "import devmapd.gpu for GPU segments")
                 try:
-                    buf = cuda_share.import_segment(seg.ipc, seg.device_uuid)
-                except cuda_share.CudaShareError as e:
-                    # A cuda-ipc segment may come with its host copy's memfd: use it then.
+                    importer(manifest, si, out)
+                except SegmentImportError as e:
+                    # A GPU segment may come with its host copy's memfd: use it then.
                     if fds[si] is None:
                         raise
                     warnings.warn(f"{e}; {seg.device} tensors are served from the CPU copy",
                                   RuntimeWarning, stacklevel=2)
                     tensors_on_storage(_map_segment(fds[si], seg.nbytes), manifest, si, out)
-                    continue
-                cuda_share.tensors_from_segment(buf, manifest, si, out)
-            else:
-                raise ArenaError(f"segment {si} has unknown kind {seg.kind!r}; upgrade the client")
     return out  # type: ignore[return-value]  # every slot is filled: each entry names a segment
 
 
@@ -511,7 +528,7 @@ def build(manifest: Manifest, fds: Sequence[int | None], map_location: Any = Non
     """
     tensors = attach(manifest, fds)
     if map_location is not None:
-        from . import mapping
+        from devmapd.engine import mapping
         tensors = mapping.apply_tensors(
             tensors, [e.saved_location for e in manifest.tensors], map_location,
             current_devices=[_segment_device(manifest.segments[e.segment], t)

@@ -12,6 +12,7 @@ import pickle
 import re
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CODES = (
@@ -243,6 +244,15 @@ def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None
 
 
 _sniffing = threading.local()
+# How to tell what a file is without reading its tensors: checkpoint.inspect, registered by
+# devmapd.engine.checkpoint when it is imported (it imports this module, not the reverse).
+_sniffer: Callable[[str], Diagnosis | None] | None = None
+
+
+def register_sniffer(sniffer: Callable[[str], Diagnosis | None]) -> None:
+    """Let diagnose_exception ask the file itself what is wrong with it (see _inspect_diagnosis)."""
+    global _sniffer
+    _sniffer = sniffer
 
 
 def _inspect_diagnosis(path) -> Diagnosis | None:
@@ -254,8 +264,7 @@ def _inspect_diagnosis(path) -> Diagnosis | None:
     try:
         if not os.path.exists(path):
             return None
-        from .checkpoint import inspect   # lazy: checkpoint imports this module
-        return inspect(path).diagnosis
+        return _sniffer(path) if _sniffer is not None else None
     except Exception:
         return None
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from . import arena
+from devmapd.engine import arena
 
 __all__ = ["CudaShareError", "GpuSegment", "import_segment", "local_index_for_uuid",
            "normalize_uuid", "tensors_from_segment", "collect", "payload_to_json",
@@ -46,7 +46,7 @@ PAYLOAD_VERSION = 1
 _STAGE = 64 << 20
 
 
-class CudaShareError(RuntimeError):
+class CudaShareError(arena.SegmentImportError, RuntimeError):
     """CUDA sharing is not possible here; callers fall back to the CPU copy with a warning."""
 
 
@@ -303,3 +303,15 @@ def tensors_from_segment(buf: torch.Tensor, manifest: arena.Manifest, segment_in
     arena.tensors_on_storage(base, manifest, segment_index, out)
     return out
 
+
+
+def _import_into(manifest: arena.Manifest, segment_index: int, out: list) -> None:
+    """arena.attach's importer for "cuda-ipc" segments."""
+    seg = manifest.segments[segment_index]
+    if seg.ipc is None or seg.device_uuid is None:
+        raise arena.ArenaError(f"cuda-ipc segment {segment_index} lacks its handle or device UUID")
+    # Looked up through the module so that a test can stand in for the CUDA import.
+    tensors_from_segment(import_segment(seg.ipc, seg.device_uuid), manifest, segment_index, out)
+
+
+arena.register_importer("cuda-ipc", _import_into)

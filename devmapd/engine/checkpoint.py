@@ -27,12 +27,13 @@ from typing import Any, Iterator
 
 import torch
 
-from . import diagnose, normalize
-from .diagnose import CheckpointError, Diagnosis, diagnose_exception
-from .formats import hfdir, legacy, safetensors as st_format, torchzip
-from .formats.common import OpenedFile, Parsed, StorageRec, element_size, open_file
-from .formats.detect import HEAD_BYTES, detect
-from .gcpause import gc_paused
+from devmapd.engine import diagnose, normalize
+from devmapd.engine.diagnose import CheckpointError, Diagnosis, diagnose_exception
+from devmapd.engine.formats import hfdir, legacy, safetensors as st_format, torchzip
+from devmapd.engine.formats.common import OpenedFile, Parsed, StorageRec, element_size, open_file
+from devmapd.engine.formats.detect import HEAD_BYTES, detect
+from devmapd.engine.filenames import is_temporary
+from devmapd.engine.gcpause import gc_paused
 
 __all__ = ["Diagnosis", "CheckpointError", "Inspection", "ReadOptions", "LoadedModel", "inspect",
            "read", "summary", "diagnose_exception", "FORMATS"]
@@ -405,7 +406,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     where the first of them goes. ``progress(done_bytes, total_bytes)`` is called after each
     storage is copied, possibly from a worker thread.
     """
-    from . import arena, tree   # the arena/tree modules are only needed to read, not to inspect
+    from devmapd.engine import arena, tree   # the arena/tree modules are only needed to read, not to inspect
 
     # Bad options are the caller's bug (config.py validates them), not a property of the file.
     if options.gpu_dtype not in (None, *normalize.GPU_DTYPES):
@@ -515,11 +516,6 @@ def _fingerprint(path: str, parsed: Parsed) -> tuple:
                                        f.before.st_ino) for f in parsed.files}
     if parsed.format == "hf-dir":
         try:
-            from .names import is_temporary
-        except ImportError:   # names.py is optional for the engine; hidden files are the main case
-            def is_temporary(name: str) -> bool:
-                return name.startswith(".")
-        try:
             with os.scandir(path) as it:
                 for entry in it:
                     if entry.name in mine or is_temporary(entry.name):
@@ -597,3 +593,8 @@ def summary(insp: Inspection) -> str:
     if len(insp.files) > 1:
         lines.append(f"  files:     {len(insp.files)} shards")
     return "\n".join(lines)
+
+
+# diagnose_exception falls back to asking the file itself what it is (a truncated zip only
+# says "Invalid argument"); diagnose cannot import this module, so it is handed inspect.
+diagnose.register_sniffer(lambda path: inspect(path).diagnosis)

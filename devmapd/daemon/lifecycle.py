@@ -31,15 +31,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, checkpoint, fdstore, handoff, names, pressure, statefile
-from .config import Config, ConfigError
-from .config import load as load_config
-from .devices import Snapshot, open_backend
-from .actions import ActionsMixin
-from .loading import LoadingMixin
-from .registry import ModelRecord, Registry
-from .textfmt import placement_text
-from .watcher import ModelEvent, ModelWatcher
+from devmapd import pressure
+from devmapd._version import __version__
+
+from devmapd.engine import checkpoint
+
+from devmapd.service import fdstore
+
+from devmapd.daemon import handoff, names, statefile
+from devmapd.config import Config, ConfigError
+from devmapd.config import load as load_config
+from devmapd.devices import Snapshot, open_backend
+from devmapd.daemon.actions import ActionsMixin
+from devmapd.daemon.loading import LoadingMixin
+from devmapd.daemon.registry import ModelRecord, Registry
+from devmapd.textfmt import placement_text
+from devmapd.daemon.watcher import ModelEvent, ModelWatcher
 
 log = logging.getLogger("devmapd")
 
@@ -99,7 +106,7 @@ class Daemon(LoadingMixin, ActionsMixin):
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         """Start, serve until stopped, shut down cleanly. Returns the exit status."""
-        from .systemd import Notifier
+        from devmapd.service.systemd import Notifier
 
         loop = asyncio.get_running_loop()
         self.notifier = Notifier.from_env()
@@ -124,7 +131,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         return self._exit_code
 
     async def _startup(self, loop: asyncio.AbstractEventLoop) -> None:
-        from .server import Server
+        from devmapd.wire.server import Server
 
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {self.model_dir} is not a directory")
@@ -138,7 +145,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         self._load_queue = asyncio.PriorityQueue()
         # systemd may hand us the listening socket (socket activation) and, after a restart,
         # the sealed arenas the previous process parked in its fd store.
-        from .systemd import LISTEN_FDNAME, listen_socket
+        from devmapd.service.systemd import LISTEN_FDNAME, listen_socket
 
         listened = self.listened
         listen_sock = listen_socket(listened)
@@ -309,7 +316,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         return self.cfg.devices.backend
 
     def _server_options(self, cfg: Config | None = None) -> dict[str, Any]:
-        from .peercred import AccessPolicy
+        from devmapd.wire.peercred import AccessPolicy
 
         s = (cfg or self.cfg).server
         policy = AccessPolicy(fetch_uids=s.fetch_uids, fetch_groups=s.fetch_groups,
@@ -319,7 +326,7 @@ class Daemon(LoadingMixin, ActionsMixin):
                 "max_conns_per_uid": s.max_connections_per_uid, "request_timeout_s": s.fetch_timeout_s}
 
     async def _setup_metrics(self) -> None:
-        from .metrics import Metrics, MetricsHTTPServer
+        from devmapd.service.metrics import Metrics, MetricsHTTPServer
 
         self.metrics = Metrics()
         listen = self.cfg.metrics.listen
@@ -400,7 +407,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         }
 
     def model_detail(self, name: str) -> dict[str, Any]:
-        from .protocol import ApiError
+        from devmapd.wire.protocol import ApiError
 
         rec = self.registry.get(name)
         if rec is None:
@@ -476,7 +483,7 @@ class Daemon(LoadingMixin, ActionsMixin):
                 if self._gpu_released:
                     # torch frees an exported CUDA block only once its importers let go and
                     # ipc_collect runs: do it every poll so NVML shows the memory come back.
-                    from . import cuda_share
+                    from devmapd.gpu import cuda_share
 
                     await asyncio.to_thread(cuda_share.collect)
                 self._write_metrics()
@@ -553,7 +560,7 @@ class Daemon(LoadingMixin, ActionsMixin):
     def _write_metrics(self) -> None:
         if self.metrics is None or not self.cfg.metrics.textfile:
             return
-        from .metrics import write_textfile
+        from devmapd.service.metrics import write_textfile
 
         try:
             write_textfile(self.cfg.metrics.textfile, self.metrics.render(self.status()))
@@ -562,7 +569,7 @@ class Daemon(LoadingMixin, ActionsMixin):
 
     # ------------------------------------------------------------------ DaemonAPI: fetch
     async def fetch(self, name: str, peer: Any) -> Any:
-        from .protocol import ApiError, FetchGrant
+        from devmapd.wire.protocol import ApiError, FetchGrant
 
         started = time.perf_counter()
         rec = self.registry.get(name)
@@ -604,7 +611,7 @@ class Daemon(LoadingMixin, ActionsMixin):
 def serve(cfg: Config, *, config_path: str | None = None,
           overrides: Callable[[Config], Config] | None = None) -> int:
     """Run a daemon in the foreground until it is stopped (what systemd runs)."""
-    from .systemd import listen_fds
+    from devmapd.service.systemd import listen_fds
 
     listened = listen_fds()
     daemon = Daemon(cfg, config_path=config_path, overrides=overrides, listened=listened)

@@ -12,8 +12,8 @@ import asyncio
 import logging
 from typing import Any
 
-from . import statefile
-from .protocol import ApiError
+from devmapd.daemon import statefile
+from devmapd.wire.protocol import ApiError
 
 log = logging.getLogger("devmapd")
 

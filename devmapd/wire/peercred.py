@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from devmapd.protocol import Peer
+from devmapd.wire.protocol import Peer
 
 __all__ = ["AccessPolicy", "peer_credentials", "peer_groups", "identify"]
 

@@ -58,12 +58,12 @@ from watchdog.events import (
 )
 from watchdog.observers.polling import PollingObserver
 
-from . import names
-from .names import ModelSource
+from devmapd.daemon import names
+from devmapd.daemon.names import ModelSource
 
 __all__ = ["ModelEvent", "ModelWatcher"]
 
-log = logging.getLogger("devmapd.watcher")
+log = logging.getLogger("devmapd.daemon.watcher")
 
 # Everything we act on. DirModifiedEvent is left out: watchdog adds one for every change in a
 # directory, and the file events already say all we need.
