@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick serve clean install-service
+.PHONY: demo test check bench bench-quick serve clean install-service
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/devmapd demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+# The checks first (seconds), then the suite across the cores (pytest-xdist).
+test: $(STAMP) check
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) $(PYTEST_ARGS)
+
+JOBS ?= auto
+
+check: $(STAMP)
+	$(BIN)/ruff check -q .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

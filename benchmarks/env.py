@@ -38,7 +38,7 @@ class Env:
         return self.daemon.socket
 
     @classmethod
-    def create(cls, profile: Profile, tmp: str | None = None) -> "Env":
+    def create(cls, profile: Profile, tmp: str | None = None) -> Env:
         return cls(profile, Path(tempfile.mkdtemp(prefix="devmapd-bench-", dir=tmp or "/tmp")))
 
     def write_models(self) -> None:

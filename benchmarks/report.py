@@ -130,7 +130,7 @@ def machine() -> dict[str, Any]:
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:

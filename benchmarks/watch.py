@@ -18,7 +18,7 @@ from benchmarks.env import Env
 from benchmarks.report import Row, fmt_b, fmt_s
 
 
-def _listen(socket: str, out: "queue.Queue[tuple[float, dict]]", stop: threading.Event) -> Any:
+def _listen(socket: str, out: queue.Queue[tuple[float, dict]], stop: threading.Event) -> Any:
     from devmapd.client import Client
     c = Client(socket, timeout=30.0)
 
@@ -39,7 +39,7 @@ def _listen(socket: str, out: "queue.Queue[tuple[float, dict]]", stop: threading
 def run(env: Env) -> list[Row]:
     from devmapd import samples
     prof = env.profile
-    q: "queue.Queue[tuple[float, dict]]" = queue.Queue()
+    q: queue.Queue[tuple[float, dict]] = queue.Queue()
     stop = threading.Event()
     client, thread = _listen(env.socket, q, stop)
     time.sleep(0.5)   # let the subscription be in place before the first rename

@@ -17,8 +17,17 @@ _CLIENT_NAMES = ("load", "release", "Client", "DevmapdError", "DaemonUnavailable
 __all__ = ["__version__", *_CLIENT_NAMES]
 
 if TYPE_CHECKING:
-    from devmapd.client import (Client, DaemonUnavailable, DevmapdError, ModelNotFound,
-                                ModelUnavailable, PermissionDenied, default_socket, load, release)
+    from devmapd.client import (  # noqa: F401  (re-exported lazily by __getattr__)
+        Client,
+        DaemonUnavailable,
+        DevmapdError,
+        ModelNotFound,
+        ModelUnavailable,
+        PermissionDenied,
+        default_socket,
+        load,
+        release,
+    )
 
 
 def __getattr__(name: str) -> Any:

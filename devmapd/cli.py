@@ -19,7 +19,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from devmapd._version import __version__
 

@@ -20,8 +20,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from devmapd.wire import protocol as P
 from devmapd.engine.gcpause import gc_paused
+from devmapd.wire import protocol as P
 
 __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
            "ModelUnavailable", "Client", "load", "release", "default_socket"]
@@ -162,7 +162,7 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -279,7 +279,7 @@ class Client:
 
     @staticmethod
     def _build(name: str, result: Any, fds: list[int], map_location: Any) -> Any:
-        from devmapd.engine import arena   # torch: only now
+        from devmapd.engine import arena  # torch: only now
         try:
             manifest = arena.Manifest.from_json(result["manifest"])
         except (TypeError, KeyError) as e:

@@ -134,7 +134,7 @@ class Config:
                 return rule
         return None
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 

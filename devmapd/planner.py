@@ -45,9 +45,9 @@ difference travels with the first group so a split still accounts for every byte
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Sequence
 
 __all__ = ["DeviceCapacity", "ModelDemand", "Policy", "Placement", "plan", "capacity", "charge", "fmt_bytes"]
 
@@ -129,7 +129,7 @@ class _Ledger:
         self.room: dict[str, int] = {g.id: capacity(g, policy) for g in gpus if not g.lost}
         self.host_room: int | None = policy.host_cap
 
-    def copy(self) -> "_Ledger":
+    def copy(self) -> _Ledger:
         new = object.__new__(_Ledger)
         new.policy, new.host_id, new.order, new.lost = self.policy, self.host_id, self.order, self.lost
         new.room, new.host_room = dict(self.room), self.host_room

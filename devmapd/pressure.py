@@ -25,8 +25,8 @@ since when its home has had room; it is immutable and pruned of models no longer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from devmapd.planner import DeviceCapacity, Policy, capacity, charge, fmt_bytes
 

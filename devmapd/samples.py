@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 # ----------------------------------------------------------------------------- models
 
 class _Block(nn.Module):

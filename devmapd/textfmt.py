@@ -6,7 +6,8 @@ Kept apart from cli.py so the TUI and the benchmarks can format numbers the same
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

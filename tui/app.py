@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -20,14 +21,30 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Input, Static
 
 from .connection import (
-    ClientFactory, Connected, DaemonEvent, DaemonUnavailable, DevmapdError, EventPump,
-    PermissionDenied, Requests, StatusRefreshed, Unreachable, default_factory, error_text,
+    ClientFactory,
+    Connected,
+    DaemonEvent,
+    DaemonUnavailable,
+    DevmapdError,
+    EventPump,
+    PermissionDenied,
+    Requests,
+    StatusRefreshed,
+    Unreachable,
+    default_factory,
+    error_text,
 )
 from .dialogs import ConfirmDialog, RemapChoice, RemapDialog
 from .help import HelpScreen
 from .models import SORT_COLUMNS, DaemonState, human_bytes, main_device
 from .widgets import (
-    COLUMNS, DetailPane, DevicePanel, EventLog, HeaderBar, ModelTable, detail_renderable,
+    COLUMNS,
+    DetailPane,
+    DevicePanel,
+    EventLog,
+    HeaderBar,
+    ModelTable,
+    detail_renderable,
 )
 
 ACTIONS_NEEDING_OPERATOR = ("remap", "pin", "evict", "reload")

@@ -7,7 +7,8 @@ here blocks, so it runs off the UI thread and reports back with Textual messages
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from textual.message import Message
 

@@ -71,7 +71,7 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
                                             ("let devmapd choose the best fit (clears a pin)", "grey70")),
                               id="auto")]
             for dev in self.devices:
-                fit = fit_on(dev, self.record)
+                fit_on(dev, self.record)
                 options.append(Option(fit_prompt(dev, self.record), id=dev.get("id"),
                                       disabled=bool(dev.get("lost"))))
             yield OptionList(*options, id="remap-options")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -11,9 +12,21 @@ from rich.text import Text
 from textual.widgets import DataTable, RichLog, Static
 
 from .models import (
-    DaemonState, SortSpec, dtype_text, human_age, human_bytes, human_duration, load_time_text,
-    memory_split, model_matches, placement_items, placement_text, progress_fraction, short_uuid,
-    sort_key, utilization_percent,
+    DaemonState,
+    SortSpec,
+    dtype_text,
+    human_age,
+    human_bytes,
+    human_duration,
+    load_time_text,
+    memory_split,
+    model_matches,
+    placement_items,
+    placement_text,
+    progress_fraction,
+    short_uuid,
+    sort_key,
+    utilization_percent,
 )
 
 BAR_WIDTH = 20

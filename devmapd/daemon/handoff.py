@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from devmapd.service import fdstore
+from devmapd.daemon.loader import ServedVersion, placement_of
 from devmapd.engine.arena import Manifest, SealedSegment
 from devmapd.engine.checkpoint import Inspection
-from devmapd.daemon.loader import ServedVersion, placement_of
+from devmapd.service import fdstore
 from devmapd.wire.protocol import encode_manifest
 
 log = logging.getLogger("devmapd.daemon.handoff")

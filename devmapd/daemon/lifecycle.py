@@ -28,25 +28,23 @@ import signal
 import socket as socketlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from devmapd import pressure
 from devmapd._version import __version__
-
-from devmapd.engine import checkpoint
-
-from devmapd.service import fdstore
-
-from devmapd.daemon import handoff, names, statefile
 from devmapd.config import Config, ConfigError
 from devmapd.config import load as load_config
-from devmapd.devices import Snapshot, open_backend
+from devmapd.daemon import handoff, names, statefile
 from devmapd.daemon.actions import ActionsMixin
 from devmapd.daemon.loading import LoadingMixin
 from devmapd.daemon.registry import ModelRecord, Registry
-from devmapd.textfmt import placement_text
 from devmapd.daemon.watcher import ModelEvent, ModelWatcher
+from devmapd.devices import Snapshot, open_backend
+from devmapd.engine import checkpoint
+from devmapd.service import fdstore
+from devmapd.textfmt import placement_text
 
 log = logging.getLogger("devmapd")
 
@@ -125,7 +123,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         log.info("stopping")
         try:
             await asyncio.wait_for(self._shutdown(), SHUTDOWN_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("shutdown took longer than %.0fs; exiting anyway", SHUTDOWN_TIMEOUT_S)
             return 1
         return self._exit_code

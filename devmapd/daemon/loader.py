@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from devmapd.engine import checkpoint
 from devmapd.engine.arena import Manifest, SealedSegment

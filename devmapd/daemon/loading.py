@@ -19,15 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable
-
-from devmapd.engine import checkpoint
-
-from devmapd.daemon import handoff
+from collections.abc import Callable
+from typing import Any
 
 from devmapd import planner
+from devmapd.daemon import handoff
 from devmapd.daemon.loader import ServedVersion, load_version
 from devmapd.daemon.registry import ModelRecord, TransitionError
+from devmapd.engine import checkpoint
 from devmapd.textfmt import placement_text
 
 log = logging.getLogger("devmapd")

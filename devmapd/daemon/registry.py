@@ -17,8 +17,9 @@ States::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 STATES = ("queued", "loading", "ready", "failed", "evicted")
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 from devmapd.devices.base import (
-    GpuProcess,
-    Device,
-    Snapshot,
-    InventoryBackend,
-    read_host_memory,
-    TimedCaller,
-    CallTimeout,
-    CallerBusy,
     MEMINFO_PATH,
+    CallerBusy,
+    CallTimeout,
+    Device,
+    GpuProcess,
+    InventoryBackend,
+    Snapshot,
+    TimedCaller,
+    read_host_memory,
 )
 
 __all__ = [

@@ -7,7 +7,7 @@ never touch a GPU). The host memory is read from /proc/meminfo at every snapshot
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from devmapd.devices.base import MEMINFO_PATH, Snapshot, read_host_memory
 

@@ -35,8 +35,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from devmapd.devices.base import (
     MEMINFO_PATH,

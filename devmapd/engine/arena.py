@@ -151,7 +151,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Manifest":
+    def from_json(cls, d: dict) -> Manifest:
         try:
             version = d.get("version")
             if version != 1:
@@ -324,7 +324,7 @@ class ArenaBuilder:
         for fd in fds:
             os.close(fd)
 
-    def seal(self) -> "SealedSegment":
+    def seal(self) -> SealedSegment:
         if self.fd < 0:
             raise ArenaError(f"arena {self.name} is already sealed or discarded")
         # We never mmap the arena writable, so F_SEAL_WRITE cannot fail with EBUSY because of us.
@@ -343,7 +343,7 @@ class ArenaBuilder:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "ArenaBuilder":
+    def __enter__(self) -> ArenaBuilder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -363,7 +363,7 @@ class SealedSegment:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "SealedSegment":
+    def __enter__(self) -> SealedSegment:
         return self
 
     def __exit__(self, *exc: Any) -> None:

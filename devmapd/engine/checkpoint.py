@@ -19,20 +19,21 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from devmapd.engine import diagnose, normalize
 from devmapd.engine.diagnose import CheckpointError, Diagnosis, diagnose_exception
-from devmapd.engine.formats import hfdir, legacy, safetensors as st_format, torchzip
+from devmapd.engine.filenames import is_temporary
+from devmapd.engine.formats import hfdir, legacy, torchzip
+from devmapd.engine.formats import safetensors as st_format
 from devmapd.engine.formats.common import OpenedFile, Parsed, StorageRec, element_size, open_file
 from devmapd.engine.formats.detect import HEAD_BYTES, detect
-from devmapd.engine.filenames import is_temporary
 from devmapd.engine.gcpause import gc_paused
 
 __all__ = ["Diagnosis", "CheckpointError", "Inspection", "ReadOptions", "LoadedModel", "inspect",
@@ -75,7 +76,7 @@ class Inspection:
         }
 
     @classmethod
-    def failed(cls, path: str, fmt: str, diagnosis: Diagnosis, files: tuple[str, ...] = ()) -> "Inspection":
+    def failed(cls, path: str, fmt: str, diagnosis: Diagnosis, files: tuple[str, ...] = ()) -> Inspection:
         return cls(path=path, format=fmt, tensors=0, bytes=0, dtypes={}, locations={}, prefixes=(),
                    containers=(), groups=(), largest_tensor=0, files=files or (path,), diagnosis=diagnosis)
 
@@ -406,7 +407,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     where the first of them goes. ``progress(done_bytes, total_bytes)`` is called after each
     storage is copied, possibly from a worker thread.
     """
-    from devmapd.engine import arena, tree   # the arena/tree modules are only needed to read, not to inspect
+    from devmapd.engine import arena, tree  # the arena/tree modules are only needed to read, not to inspect
 
     # Bad options are the caller's bug (config.py validates them), not a property of the file.
     if options.gpu_dtype not in (None, *normalize.GPU_DTYPES):

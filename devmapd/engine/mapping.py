@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 __all__ = ["MapLocation", "DeviceMismatchError", "normalize", "resolve", "check_available",
            "apply", "apply_tensors", "apply_tree"]
 
-MapLocation = Union[None, str, bytes, torch.device, Mapping[str, Any],
-                    Callable[[torch.UntypedStorage, str], Any]]
+MapLocation = (None | str | bytes | torch.device | Mapping[str, Any]
+               | Callable[[torch.UntypedStorage, str], Any])
 
 
 class DeviceMismatchError(RuntimeError):

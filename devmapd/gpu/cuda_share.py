@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -151,7 +150,7 @@ class GpuSegment:
         self.name = name
 
     @classmethod
-    def upload(cls, sealed: arena.SealedSegment, device_index: int) -> "GpuSegment":
+    def upload(cls, sealed: arena.SealedSegment, device_index: int) -> GpuSegment:
         if not torch.cuda.is_available():
             raise CudaShareError("CUDA is not available in the daemon; the model stays on CPU")
         arena.verify_sealed(sealed.fd)
@@ -199,7 +198,7 @@ def release_payload(payload: dict) -> None:
     torch.UntypedStorage._release_ipc_counter_cuda(handle, int(payload["ref_counter_offset"]))
 
 
-def manifest_for_client(manifest: arena.Manifest, gpu_segments: dict[int, "GpuSegment"]
+def manifest_for_client(manifest: arena.Manifest, gpu_segments: dict[int, GpuSegment]
                         ) -> tuple[arena.Manifest, list[dict]]:
     """The manifest to send ONE client: a fresh export for each cuda-ipc segment.
 

@@ -333,7 +333,7 @@ def _assemble(key: str, generation: int, parts: dict[str, tuple[str, list[int]]]
             raise ValueError(f"segment {index} of {name!r} holds {have} bytes, its manifest says {want}")
         fds[index] = fd
         fdnames.append(value)
-    for part, (value, _) in parts.items():
+    for part in parts:
         if part != META_PART and int(part) not in stored:
             raise ValueError(f"segment {part} of {name!r} is in the store but not in its meta")
     os.close(meta_fds[0])  # everything it held is in `meta` now

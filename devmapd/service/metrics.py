@@ -358,7 +358,7 @@ class MetricsHTTPServer:
                     await self._reply(writer, 500, "rendering metrics failed; see the daemon log\n")
                 else:
                     await self._reply(writer, 200, body, content_type=CONTENT_TYPE, head=method == "HEAD")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             await self._reply(writer, 400, "bad request\n")
         except ConnectionError:
             pass

@@ -129,7 +129,7 @@ class Server:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def from_socket(cls, api: DaemonAPI, sock: socket.socket, **kwargs: Any) -> "Server":
+    def from_socket(cls, api: DaemonAPI, sock: socket.socket, **kwargs: Any) -> Server:
         """Serve on an already bound, listening socket (systemd socket activation).
 
         The socket file then belongs to whoever created it (systemd): it is neither chmod-ed
@@ -274,7 +274,7 @@ class Server:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> "Server":
+    async def __aenter__(self) -> Server:
         await self.start()
         return self
 
@@ -333,7 +333,7 @@ class Server:
         conn.task = asyncio.get_running_loop().create_task(
             conn.run(), name=f"devmapd-conn-{peer.pid}")
 
-    def _forget(self, conn: "_Conn") -> None:
+    def _forget(self, conn: _Conn) -> None:
         if conn in self._conns:
             self._conns.discard(conn)
             n = self._per_uid.get(conn.peer.uid, 1) - 1

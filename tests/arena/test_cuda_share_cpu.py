@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from devmapd.engine import arena
-
 from devmapd.gpu import cuda_share
 
 HAS_CUDA = torch.cuda.is_available()

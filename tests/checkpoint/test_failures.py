@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from devmapd.engine import arena, checkpoint
-
 from devmapd import samples
+from devmapd.engine import arena, checkpoint
 from devmapd.engine.checkpoint import CheckpointError, ReadOptions, inspect, read
 from devmapd.engine.diagnose import diagnose_exception
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from devmapd.engine import checkpoint
-
 from devmapd import samples
+from devmapd.engine import checkpoint
 from devmapd.engine.checkpoint import inspect
 
 

@@ -5,7 +5,8 @@ import collections
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devmapd.engine import normalize
 from devmapd.engine.normalize import group_of, target_dtype, walk

@@ -8,9 +8,8 @@ import threading
 import pytest
 import torch
 
-from devmapd.engine import arena, checkpoint
-
 from devmapd import samples
+from devmapd.engine import arena, checkpoint
 from devmapd.engine.checkpoint import ReadOptions, read
 
 

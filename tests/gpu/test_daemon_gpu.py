@@ -27,8 +27,20 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.conftest import (GIB, MIB, ROOT, Hog, bare_uuid, nobody_group, open_dir, start_gpu_daemon,
-                                stop_daemon, torch_uuids, wait_placed, write_int_checkpoint)
+from tests.gpu.conftest import (
+    GIB,
+    MIB,
+    ROOT,
+    Hog,
+    bare_uuid,
+    nobody_group,
+    open_dir,
+    start_gpu_daemon,
+    stop_daemon,
+    torch_uuids,
+    wait_placed,
+    write_int_checkpoint,
+)
 
 BIG = 1 * GIB              # the model of the IPC/eviction tests (issue 7: "1 GiB")
 FETCH_BOUND_MS = 50.0      # generous bound; the target is "well under 5 ms"
@@ -442,7 +454,6 @@ def test_per_fetch_alias_export_ties_the_block_to_its_client():
     from torch.multiprocessing.reductions import reduce_tensor
 
     from devmapd.engine import arena
-
     from devmapd.gpu import cuda_share
 
     n = 64 << 20

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from devmapd.wire import protocol as P
 from devmapd.client import Client, DevmapdError
+from devmapd.wire import protocol as P
 from tests.harness import ROOT, sim_gpu
 from tests.reliability import inputs as I
 from tests.reliability.conftest import ModelDirGuard, module_daemon
@@ -39,8 +39,7 @@ def tight(tmp_path_factory):
     # the daemon's own fetch_uids policy, not the socket file's mode.
     extra = (f'[server]\nfetch_uids = [0]\nsocket_group = "nogroup"\nmax_connections_per_uid = {CAP}\n'
              f"idle_timeout_s = {IDLE_S}\nmax_frame_bytes = 65536\n")
-    for handle in module_daemon(tmp_path_factory, "tight", extra_config=extra):
-        yield handle
+    yield from module_daemon(tmp_path_factory, "tight", extra_config=extra)
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +238,8 @@ def test_unexpected_fds_from_a_client_are_closed(tight, tight_model) -> None:
 
 @pytest.fixture(scope="module")
 def crowd(tmp_path_factory):
-    for handle in module_daemon(tmp_path_factory, "crowd", gpus=[sim_gpu(0, 1024), sim_gpu(1, 1024)],
-                                extra_config="[server]\nmax_connections_per_uid = 1024\n"):
-        yield handle
+    yield from module_daemon(tmp_path_factory, "crowd", gpus=[sim_gpu(0, 1024), sim_gpu(1, 1024)],
+                                extra_config="[server]\nmax_connections_per_uid = 1024\n")
 
 
 _KILLED_CLIENT = r"""

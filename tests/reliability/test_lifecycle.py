@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from devmapd.wire import protocol as P
 from devmapd.client import DevmapdError
+from devmapd.wire import protocol as P
 from tests.harness import sim_gpu
 from tests.reliability import inputs as I
 from tests.reliability.conftest import ModelDirGuard, module_daemon

@@ -20,8 +20,8 @@ from collections import Counter
 import pytest
 import torch
 
-from devmapd.wire import protocol as P
 from devmapd.client import Client, DevmapdError
+from devmapd.wire import protocol as P
 from tests.harness import sim_gpu
 from tests.reliability import inputs as I
 from tests.reliability.conftest import ModelDirGuard

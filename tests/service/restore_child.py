@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from devmapd.engine import arena
-
-from devmapd.service import fdstore, systemd
-
 from devmapd.daemon import names
+from devmapd.engine import arena
+from devmapd.service import fdstore, systemd
 
 
 def main() -> None:

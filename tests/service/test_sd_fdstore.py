@@ -21,11 +21,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devmapd.engine import checkpoint
-
-from devmapd.service import fdstore
-
 from devmapd.daemon import names
+from devmapd.engine import checkpoint
+from devmapd.service import fdstore
 from devmapd.service.systemd import Notifier
 
 HERE = Path(__file__).resolve().parent

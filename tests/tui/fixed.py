@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -2,15 +2,16 @@
 dialogs, actions, pressure, and recovery after the daemon restarts."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
+
+from textual.widgets import OptionList
 
 from devmapd_tui.app import DevmapdApp
 from devmapd_tui.dialogs import ConfirmDialog, RemapDialog
 from devmapd_tui.help import HelpScreen
 from devmapd_tui.widgets import DetailPane, DevicePanel, EventLog, HeaderBar, ModelTable
-from textual.widgets import OptionList
-
 from tests.tui.helpers import DEFAULT_GPUS, in_thread, text_of, wait_until
 
 SIZE = (120, 40)

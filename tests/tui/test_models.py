@@ -5,8 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devmapd_tui.models import (
-    GIB, MIB, DaemonState, fit_on, human_age, human_bytes, memory_split, placement_text,
-    progress_fraction, short_uuid, sort_key,
+    GIB,
+    MIB,
+    DaemonState,
+    fit_on,
+    human_age,
+    human_bytes,
+    memory_split,
+    placement_text,
+    progress_fraction,
+    short_uuid,
+    sort_key,
 )
 from devmapd_tui.widgets import BAR_WIDTH, memory_bar
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from devmapd_tui.app import DevmapdApp
 from devmapd_tui.widgets import ModelTable
-
 from tests.tui.helpers import wait_until
 
 GIB = 1 << 30

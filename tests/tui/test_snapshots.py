@@ -14,9 +14,8 @@ from typing import Any
 from devmapd_tui.app import DevmapdApp
 from devmapd_tui.dialogs import RemapDialog
 from devmapd_tui.help import HelpScreen
-
-from tests.tui.helpers import wait_until
 from tests.tui.fixed import FIXED_EVENTS, NOW, FixedClient
+from tests.tui.helpers import wait_until
 
 SIZE = (120, 40)
 

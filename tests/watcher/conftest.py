@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -27,7 +27,7 @@ class Events:
             return None
         try:
             ev = await asyncio.wait_for(self.queue.get(), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         self.log.append((time.monotonic(), ev))
         return ev

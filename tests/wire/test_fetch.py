@@ -4,8 +4,18 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.wire.conftest import (BIG_MB, FETCH_GROUP, WireDaemon, fd_count, last_json,
-                                 nobody_prefix, read_line, run_client, spawn_client, wait_for)
+from tests.wire.conftest import (
+    BIG_MB,
+    FETCH_GROUP,
+    WireDaemon,
+    fd_count,
+    last_json,
+    nobody_prefix,
+    read_line,
+    run_client,
+    spawn_client,
+    wait_for,
+)
 
 
 def test_fetched_tensors_equal_torch_load(wired: WireDaemon) -> None:

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 
-from devmapd.wire import protocol as P
 from devmapd.client import Client, DaemonUnavailable, default_socket
+from devmapd.wire import protocol as P
 from devmapd.wire.peercred import AccessPolicy, identify, peer_groups
 from devmapd.wire.server import Server, ServerError
-
 from tests.wire.conftest import REPO
 
 # ------------------------------------------------------------------------------ framing

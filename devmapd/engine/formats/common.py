@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import diagnose
+from devmapd.engine import diagnose
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Parsed:
     format: str                  # torch-zip | torch-legacy | safetensors | hf-dir
     obj: Any
     storages: list[StorageRec]
-    files: list["OpenedFile"] = field(default_factory=list)
+    files: list[OpenedFile] = field(default_factory=list)
 
     def storage_index(self) -> dict[int, int]:
         """Map a tensor's ``untyped_storage()._cdata`` to its index in ``storages``."""

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import diagnose
+from devmapd.engine import diagnose
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import struct
 
-from .. import diagnose
+from devmapd.engine import diagnose
+
 from .common import OpenedFile, Parsed, element_size
 from .pickles import StorageCollector, load_pickle
 

@@ -11,13 +11,15 @@ import io
 import pickle
 import pickletools
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._weights_only_unpickler as _wo
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
-from .. import diagnose
+from devmapd.engine import diagnose
+
 from .common import StorageRec, element_size, meta_storage
 
 

@@ -12,7 +12,8 @@ import struct
 
 import torch
 
-from .. import diagnose
+from devmapd.engine import diagnose
+
 from .common import OpenedFile, Parsed, StorageRec, element_size
 
 DTYPES: dict[str, torch.dtype] = {

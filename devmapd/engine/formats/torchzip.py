@@ -10,7 +10,8 @@ import io
 import struct
 import zipfile
 
-from .. import diagnose
+from devmapd.engine import diagnose
+
 from .common import OpenedFile, Parsed
 from .pickles import StorageCollector, load_pickle
 from .torchscript import is_torchscript
