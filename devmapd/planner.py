@@ -254,14 +254,14 @@ def _place_whole(nbytes: int, groups: list[tuple[str, int]], preferred: Sequence
         if ledger.known(dev) and ledger.fits({dev: nbytes}):
             return whole(dev, f"{what}preferred device {dev}")
         notes.append(f"{what}preferred {dev} skipped: {ledger.why_not(dev, nbytes)}")
-    dev = _choose_gpu(ledger, nbytes)
-    if dev is None:
+    chosen = _choose_gpu(ledger, nbytes)
+    if chosen is None:
         return None
     if ledger.policy.mode == "spread":
-        why = f"{what}spread: {dev} has the most room ({fmt_bytes(ledger.left(dev))} for devmapd)"
+        why = f"{what}spread: {chosen} has the most room ({fmt_bytes(ledger.left(chosen))} for devmapd)"
     else:
-        why = f"{what}best-fit: {dev} is the tightest GPU with room ({fmt_bytes(ledger.left(dev))} for devmapd)"
-    return whole(dev, why)
+        why = f"{what}best-fit: {chosen} is the tightest GPU with room ({fmt_bytes(ledger.left(chosen))} for devmapd)"
+    return whole(chosen, why)
 
 
 def _place_fallback(nbytes: int, groups: list[tuple[str, int]], ledger: _Ledger, notes: list[str],
