@@ -16,7 +16,10 @@ Defences, so that one client never affects another:
   subscriber whose queue fills up is dropped rather than buffered without bound;
 - fds sent by a client are closed at once and the client is disconnected (clients never send
   fds); MSG_CTRUNC is treated the same way;
-- connections are capped per uid and in total.
+- connections are capped per uid and in total; so are subscriptions (per connection, per uid,
+  in total), because the daemon copies every event into every subscriber's queue: 20,000
+  subscriptions on one connection kept it at 78% CPU. An extra ``subscribe`` is refused with
+  ``busy`` and a message naming the limit; the connection and its other subscriptions go on.
 """
 from __future__ import annotations
 
@@ -44,6 +47,12 @@ log = logging.getLogger("devmapd.wire.server")
 
 _RECV_CHUNK = 64 << 10
 _MAX_LEASES_PER_CONN = 4096
+# Subscription caps (defaults; Server(...) and set_limits take others). A dashboard or an
+# events() iterator holds one subscription on a connection of its own, so these leave ample
+# room for real use while bounding the per-event fan-out work of the daemon.
+MAX_SUBSCRIPTIONS_PER_CONN = 8
+MAX_SUBSCRIPTIONS_PER_UID = 64
+MAX_SUBSCRIPTIONS = 1024
 # Room for a few fds, so that a client sending some gets them delivered (and closed by us)
 # rather than silently dropped; more than this arrives as MSG_CTRUNC, which is also an error.
 _ANC_SPACE = P.ancillary_space(16)
@@ -103,7 +112,10 @@ class Server:
                  max_frame: int = P.DEFAULT_MAX_FRAME, idle_timeout_s: float = 300.0,
                  request_timeout_s: float = 120.0, frame_timeout_s: float = 10.0,
                  write_timeout_s: float = 30.0, event_timeout_s: float = 5.0,
-                 max_conns_per_uid: int = 64, max_conns: int = 1024):
+                 max_conns_per_uid: int = 64, max_conns: int = 1024,
+                 max_subs_per_conn: int = MAX_SUBSCRIPTIONS_PER_CONN,
+                 max_subs_per_uid: int = MAX_SUBSCRIPTIONS_PER_UID,
+                 max_subs: int = MAX_SUBSCRIPTIONS):
         self.api = api
         # An abstract socket name (leading NUL, possible with socket activation) is not a path.
         self.path = os.path.abspath(path) if path and not path.startswith("\0") else (path or "")
@@ -111,7 +123,8 @@ class Server:
         self.socket_mode = socket_mode
         self.socket_gid = _group_id(socket_group)
         self.set_limits(max_frame=max_frame, idle_timeout_s=idle_timeout_s, max_conns_per_uid=max_conns_per_uid,
-                        request_timeout_s=request_timeout_s)
+                        request_timeout_s=request_timeout_s, max_subs_per_conn=max_subs_per_conn,
+                        max_subs_per_uid=max_subs_per_uid, max_subs=max_subs)
         self.frame_timeout_s = frame_timeout_s
         self.write_timeout_s = write_timeout_s
         self.event_timeout_s = event_timeout_s
@@ -122,6 +135,8 @@ class Server:
         self._accept_task: asyncio.Task | None = None
         self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}
+        self._subs_per_uid: dict[int, int] = {}
+        self._subs_total = 0
         self._manifests = _ManifestCache()
         self._started_at = time.time()
         self._closing = False
@@ -157,12 +172,51 @@ class Server:
             conn.peer = dataclasses.replace(p, operator=policy.is_operator(p.uid, p.gid, p.groups))
 
     def set_limits(self, *, max_frame: int, idle_timeout_s: float, max_conns_per_uid: int,
-                   request_timeout_s: float) -> None:
-        """Apply new limits (config reload); they hold for every request from now on."""
+                   request_timeout_s: float, max_subs_per_conn: int | None = None,
+                   max_subs_per_uid: int | None = None, max_subs: int | None = None) -> None:
+        """Apply new limits (config reload); they hold for every request from now on.
+
+        The subscription caps are optional: None keeps the current value (the module defaults
+        at first). Lowering one never cuts existing subscriptions; it refuses new ones.
+        """
         self.max_frame = max_frame
         self.idle_timeout_s = idle_timeout_s
         self.max_conns_per_uid = max_conns_per_uid
         self.request_timeout_s = request_timeout_s
+        for attr, value in (("max_subs_per_conn", max_subs_per_conn), ("max_subs_per_uid", max_subs_per_uid),
+                            ("max_subs", max_subs)):
+            if value is not None:
+                if type(value) is not int or value < 1:
+                    raise ValueError(f"{attr} must be a positive integer, got {value!r}")
+                setattr(self, attr, value)
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions held now, over every connection."""
+        return self._subs_total
+
+    def _subscription_refusal(self, conn: _Conn) -> str | None:
+        """Why ``conn`` may not take one more subscription, or None."""
+        uid = conn.peer.uid
+        if len(conn.subs) >= self.max_subs_per_conn:
+            return (f"this connection already holds {len(conn.subs)} subscriptions (limit "
+                    f"{self.max_subs_per_conn} per connection); one subscription carries every event, "
+                    "so reuse it")
+        if self._subs_per_uid.get(uid, 0) >= self.max_subs_per_uid:
+            return (f"uid {uid} already holds {self._subs_per_uid[uid]} subscriptions (limit "
+                    f"{self.max_subs_per_uid} per uid); close some dashboards or event streams")
+        if self._subs_total >= self.max_subs:
+            return (f"the daemon already serves {self._subs_total} subscriptions (limit "
+                    f"{self.max_subs} in total); try again later")
+        return None
+
+    def _count_subscription(self, uid: int, delta: int) -> None:
+        self._subs_total += delta
+        n = self._subs_per_uid.get(uid, 0) + delta
+        if n > 0:
+            self._subs_per_uid[uid] = n
+        else:
+            self._subs_per_uid.pop(uid, None)
 
     async def start(self) -> None:
         if self._listener is None:
@@ -520,6 +574,8 @@ class _Conn:
                 unsubscribe()
             except Exception:
                 log.exception("unsubscribe failed")
+        if self.subs:
+            self.srv._count_subscription(self.peer.uid, -len(self.subs))
         self.subs.clear()
         leases, self.leases = self.leases, {}
         for name, lease in leases.values():
@@ -674,11 +730,16 @@ class _Conn:
     async def _subscribe(self, rid: Any) -> None:
         if rid in self.subs:
             raise ApiError(P.BAD_REQUEST, f"request id {rid!r} already has a subscription")
+        refusal = self.srv._subscription_refusal(self)
+        if refusal is not None:
+            log.warning("refusing a subscription from pid %d uid %d: %s", self.peer.pid, self.peer.uid, refusal)
+            raise ApiError(P.BUSY, refusal)
         queue, unsubscribe = self.srv.api.subscribe()
-        # Registered before the reply goes out, so cleanup unsubscribes even if that send fails;
-        # the pump starts after it, so the ok reply always precedes the first event (events
-        # arriving meanwhile wait in the queue).
+        # Registered (and counted) before the reply goes out, so cleanup unsubscribes and
+        # uncounts it even if that send fails; the pump starts after it, so the ok reply always
+        # precedes the first event (events arriving meanwhile wait in the queue).
         self.subs[rid] = (None, unsubscribe)
+        self.srv._count_subscription(self.peer.uid, +1)
         await self.send(P.ok_reply(rid, {"subscribed": True}))
         task = self.loop.create_task(self._pump(rid, queue), name=f"devmapd-events-{self.peer.pid}")
         self.subs[rid] = (task, unsubscribe)

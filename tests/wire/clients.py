@@ -292,5 +292,27 @@ def cmd_persist(sock: str, name: str) -> None:
     say(out)
 
 
+def cmd_subscribe(sock: str, count: str) -> None:
+    """Send COUNT subscribe requests on one raw connection; report each reply (ok, or the error
+    code and message), then wait for a line on stdin before closing (the subscriptions held)."""
+    import socket
+
+    from devmapd.wire import protocol as P
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(sock)
+    replies = []
+    for rid in range(1, int(count) + 1):
+        P.send_frame(s, P.request(rid, "subscribe"))
+        while True:   # events of earlier subscriptions may come first
+            msg, fds = P.recv_frame(s, max_fds=0)
+            if msg.get("id") == rid and "event" not in msg:
+                break
+        replies.append({"ok": True} if msg["ok"] else {"ok": False, **msg["error"]})
+    say({"uid": os.getuid(), "replies": replies})
+    sys.stdin.readline()
+    s.close()
+
+
 if __name__ == "__main__":
     globals()[f"cmd_{sys.argv[1]}"](*sys.argv[2:])

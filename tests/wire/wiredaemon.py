@@ -7,7 +7,7 @@ directly with ``arena.ArenaBuilder`` from ``torch.load(weights_only=True)``.
 
 Config keys: socket, model_dir, socket_mode, fetch_uids, fetch_groups, operator_uids,
 operator_groups, idle_timeout_s, frame_timeout_s, event_timeout_s, max_conns_per_uid,
-slow (name -> seconds a fetch of it waits), queue_max.
+max_subs_per_conn, max_subs_per_uid, max_subs, slow (name -> seconds a fetch of it waits), queue_max.
 
 Beyond DaemonAPI, ``status()["wire"]`` exposes what the tests check from outside: outstanding
 leases, double releases, subscribers, server connections. The ``reload`` action with
@@ -121,7 +121,8 @@ class WireDaemon:
                 "wire": {"leases": len(self.leases), "double_releases": self.double_releases,
                          "subscribers": len(self.subscribers), "builder": self.builder,
                          "inflight": self.inflight,
-                         "connections": self.server.connections if self.server else 0}}
+                         "connections": self.server.connections if self.server else 0,
+                         "server_subscriptions": self.server.subscriptions if self.server else 0}}
 
     def model_detail(self, name: str) -> dict:
         if name not in self.models:
@@ -193,7 +194,8 @@ async def main(cfg_path: str) -> None:
                     idle_timeout_s=cfg.get("idle_timeout_s", 300.0),
                     frame_timeout_s=cfg.get("frame_timeout_s", 10.0),
                     event_timeout_s=cfg.get("event_timeout_s", 5.0),
-                    max_conns_per_uid=cfg.get("max_conns_per_uid", 64))
+                    max_conns_per_uid=cfg.get("max_conns_per_uid", 64),
+                    **{k: cfg[k] for k in ("max_subs_per_conn", "max_subs_per_uid", "max_subs") if k in cfg})
     api.server = server
     await server.start()
     stop = asyncio.Event()
