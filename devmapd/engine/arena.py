@@ -21,7 +21,6 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,58 +81,213 @@ def dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    dtype_name(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)
-}
+# Filled on first use of each name: scanning vars(torch) for dtypes at import costs ~0.5 ms,
+# a quarter of a fresh client's whole import budget.
+_DTYPES: dict[str, torch.dtype] = {}
 
 
 def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
-    except (KeyError, TypeError):
-        raise ArenaError(f"manifest names an unknown dtype {name!r}; the daemon and client "
-                         "torch versions probably differ, upgrade the older one") from None
+    except KeyError:
+        v = getattr(torch, name, None) if type(name) is str else None
+        if isinstance(v, torch.dtype) and dtype_name(v) == name:   # "half" is not a dtype name
+            _DTYPES[name] = v
+            return v
+    except TypeError:
+        pass
+    raise ArenaError(f"manifest names an unknown dtype {name!r:.60}; the daemon and client "
+                     "torch versions probably differ, upgrade the older one")
 
 
 # ----------------------------------------------------------------------------- manifest
+#
+# Plain classes with __slots__, not dataclasses: a client process pays for every class it
+# creates at import time (a 10-field frozen dataclass costs ~1.3 ms to define, the three of
+# them ~4 ms, more than the rest of the client's import), and a 4,000-tensor fetch would build
+# 4,000 entry objects it never needs. They behave like the frozen dataclasses they replace:
+# keyword or positional construction, the same attribute names, equality and hashing by value,
+# immutable, ``replace(**changes)``, and ``dataclasses.replace`` / ``fields`` / ``asdict`` work
+# on them (see _Record._as_dataclass).
 
-@dataclass(frozen=True)
-class SegmentInfo:
-    kind: str                   # "memfd" | "cuda-ipc"
-    device: str                 # placement label: "cpu", "cuda:1" (a simulated GPU's segment is a memfd)
+
+class _Record:
+    """A frozen value object whose fields are ``_fields`` (in order)."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+    _defaults: dict[str, Any] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} fields, got {len(args)}")
+        values = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names or k in values:
+                raise TypeError(f"{type(self).__name__} got an unexpected or repeated field {k!r}")
+            values[k] = v
+        setattr_ = object.__setattr__
+        for n in names:
+            if n in values:
+                setattr_(self, n, values[n])
+            elif n in self._defaults:
+                setattr_(self, n, self._defaults[n])
+            else:
+                raise TypeError(f"{type(self).__name__} is missing the field {n!r}")
+
+    def _astuple(self) -> tuple:
+        return tuple(getattr(self, n) for n in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._astuple() == other._astuple()   # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; use .replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), self._astuple())
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` applied (what ``dataclasses.replace`` did)."""
+        values = {n: getattr(self, n) for n in self._fields}
+        values.update(changes)
+        return type(self)(**values)
+
+    @classmethod
+    def _as_dataclass(cls) -> None:
+        # The daemon and tests call dataclasses.replace on manifests; it needs only a
+        # __dataclass_fields__ map of Field objects marked as plain fields, which costs
+        # microseconds (dataclasses itself is already imported by torch), not the generated
+        # methods' exec.
+        import dataclasses
+        fields = {}
+        for n in cls._fields:
+            f = (dataclasses.field(default=cls._defaults[n]) if n in cls._defaults
+                 else dataclasses.field())
+            f.name = n
+            f._field_type = dataclasses._FIELD   # type: ignore[attr-defined]
+            fields[n] = f
+        type.__setattr__(cls, "__dataclass_fields__", fields)
+
+
+class SegmentInfo(_Record):
+    """One segment of a model: ``kind`` "memfd" | "cuda-ipc"; ``device`` its placement label
+    ("cpu", "cuda:1"; a simulated GPU's segment is a memfd); ``ipc`` (cuda-ipc only) the
+    JSON-able handle from cuda_share (GpuSegment.export)."""
+
+    __slots__ = _fields = ("kind", "device", "nbytes", "device_uuid", "ipc")
+    _defaults = {"device_uuid": None, "ipc": None}
+    kind: str
+    device: str
     nbytes: int
-    device_uuid: str | None = None
-    ipc: dict | None = None     # cuda-ipc only: JSON-able handle from cuda_share (GpuSegment.export)
+    device_uuid: str | None
+    ipc: dict | None
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(_Record):
+    """One tensor: ``offset`` is the byte offset of its STORAGE in the segment (ALIGN-aligned),
+    ``storage_offset`` in elements as torch, ``saved_location`` the file's tag ("cpu", "cuda:3")."""
+
+    __slots__ = _fields = ("segment", "offset", "storage_nbytes", "storage_offset", "dtype",
+                           "shape", "stride", "saved_location", "requires_grad", "parameter")
+    _defaults = {"requires_grad": False, "parameter": False}
     segment: int
-    offset: int                 # byte offset of the STORAGE start in the segment (ALIGN-aligned)
+    offset: int
     storage_nbytes: int
-    storage_offset: int         # in elements, as torch
+    storage_offset: int
     dtype: str
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    saved_location: str         # the location tag in the file: "cpu", "cuda:3"
-    requires_grad: bool = False
-    parameter: bool = False
+    saved_location: str
+    requires_grad: bool
+    parameter: bool
 
 
 # Tensor entries travel as rows, not objects: a 4,000-tensor manifest is ~2.5x smaller and
 # parses ~2x faster that way. The header names the columns so the JSON stays self-describing.
-_TENSOR_FIELDS = ("segment", "offset", "storage_nbytes", "storage_offset", "dtype", "shape",
-                  "stride", "saved_location", "requires_grad", "parameter")
+_TENSOR_FIELDS = TensorEntry.__slots__
 
 
-@dataclass(frozen=True)
-class Manifest:
+def _entry_from_row(row: Any) -> TensorEntry:
+    seg, off, snb, soff, dt, shape, stride, loc, rg, par = row
+    return TensorEntry(int(seg), int(off), int(snb), int(soff), str(dt), tuple(shape),
+                       tuple(stride), str(loc), bool(rg), bool(par))
+
+
+class Manifest(_Record):
+    """A model's tensors (``tensors``, TensorEntry), ``segments`` (SegmentInfo) and ``tree``
+    (tree.encode output; tensor leaves index ``tensors``).
+
+    A manifest read with ``from_json`` keeps its tensor rows as they came off the wire and makes
+    TensorEntry objects only if ``tensors`` is read (the client's attach works on the rows);
+    ``_plan`` caches what attach works out from them, so rebuilding an unchanged manifest
+    (a repeat fetch) skips that work.
+    """
+
+    # The two private slots are caches, not fields: __init__, eq, hash, repr and replace see
+    # only the four public ones.
+    __slots__ = ("tensors", "segments", "tree", "version", "_rows", "_plan", "__weakref__")
+    _fields = ("tensors", "segments", "tree", "version")
+    _defaults = {"version": 1}
     tensors: tuple[TensorEntry, ...]
     segments: tuple[SegmentInfo, ...]
-    tree: Any                   # tree.encode output; tensor leaves index `tensors`
-    version: int = 1
+    tree: Any
+    version: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_rows", None)
+        object.__setattr__(self, "_plan", None)
+
+    def __repr__(self) -> str:
+        n = len(self._rows) if self._rows is not None else len(self.tensors)
+        return f"Manifest(tensors=<{n} entries>, segments={self.segments!r}, version={self.version!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for an unset slot: ``tensors`` of a manifest read from JSON.
+        if name == "tensors":
+            rows = object.__getattribute__(self, "_rows")
+            try:
+                entries = tuple(_entry_from_row(r) for r in rows)
+            except (TypeError, ValueError) as e:
+                raise ArenaError(f"malformed manifest ({type(e).__name__}: {e}); the daemon "
+                                 "sent something this client cannot read, check both versions"
+                                 ) from None
+            object.__setattr__(self, "tensors", entries)
+            return entries
+        raise AttributeError(f"'Manifest' object has no attribute {name!r}")
+
+    def _row_list(self) -> Sequence[Sequence[Any]]:
+        """The tensor rows (as on the wire), without making TensorEntry objects."""
+        if self._rows is not None:
+            return self._rows
+        return [(e.segment, e.offset, e.storage_nbytes, e.storage_offset, e.dtype, e.shape,
+                 e.stride, e.saved_location, e.requires_grad, e.parameter) for e in self.tensors]
+
+    def saved_locations(self) -> list[str]:
+        return [str(r[7]) for r in self._row_list()]
 
     def to_json(self) -> dict:
+        rows = self._rows
+        if rows is None:
+            rows = [[t.segment, t.offset, t.storage_nbytes, t.storage_offset, t.dtype,
+                     list(t.shape), list(t.stride), t.saved_location, t.requires_grad,
+                     t.parameter] for t in self.tensors]
+        else:
+            rows = [[*r[:5], list(r[5]), list(r[6]), *r[7:]] for r in rows]
         return {
             "version": self.version,
             "segments": [
@@ -142,11 +296,7 @@ class Manifest:
                 for s in self.segments
             ],
             "tensor_fields": list(_TENSOR_FIELDS),
-            "tensors": [
-                [t.segment, t.offset, t.storage_nbytes, t.storage_offset, t.dtype, list(t.shape),
-                 list(t.stride), t.saved_location, t.requires_grad, t.parameter]
-                for t in self.tensors
-            ],
+            "tensors": rows,
             "tree": self.tree,
         }
 
@@ -161,30 +311,37 @@ class Manifest:
                 raise ArenaError("manifest tensor fields differ from this client's; "
                                  "upgrade devmapd on the older side")
             segments = tuple(
-                SegmentInfo(kind=str(s["kind"]), device=str(s["device"]), nbytes=int(s["nbytes"]),
-                            device_uuid=s.get("device_uuid"), ipc=s.get("ipc"))
+                SegmentInfo(str(s["kind"]), str(s["device"]), int(s["nbytes"]),
+                            s.get("device_uuid"), s.get("ipc"))
                 for s in d["segments"]
             )
-            new = TensorEntry.__new__
-            setattr_ = object.__setattr__
-            tensors = []
-            # Bypass the frozen dataclass __init__ (it goes through object.__setattr__ per field
-            # anyway); this keeps decoding 4,000 entries to a couple of milliseconds.
-            for row in d["tensors"]:
-                seg, off, snb, soff, dt, shape, stride, loc, rg, par = row
-                e = new(TensorEntry)
-                setattr_(e, "__dict__", {
-                    "segment": int(seg), "offset": int(off), "storage_nbytes": int(snb),
-                    "storage_offset": int(soff), "dtype": str(dt), "shape": tuple(shape),
-                    "stride": tuple(stride), "saved_location": str(loc),
-                    "requires_grad": bool(rg), "parameter": bool(par)})
-                tensors.append(e)
-            return cls(tensors=tuple(tensors), segments=segments, tree=d["tree"], version=1)
+            rows = d["tensors"]
+            if type(rows) is not list:
+                raise TypeError(f"tensors is a {type(rows).__name__}, not a list")
+            # Only the row shape is checked here; the values are checked where they are used
+            # (attach's plan, or ``tensors`` on first read), so a fetch never walks the rows twice.
+            for r in rows:
+                if type(r) is not list or len(r) != 10:
+                    raise ValueError(f"tensor row {r!r:.60} does not have 10 fields")
+            tree_ = d["tree"]
         except ArenaError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArenaError(f"malformed manifest ({type(e).__name__}: {e}); the daemon sent "
                              "something this client cannot read, check both versions") from None
+        m = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(m, "segments", segments)
+        setattr_(m, "tree", tree_)
+        setattr_(m, "version", 1)
+        setattr_(m, "_rows", rows)
+        setattr_(m, "_plan", None)
+        return m
+
+
+for _cls in (SegmentInfo, TensorEntry, Manifest):
+    _cls._as_dataclass()
+del _cls
 
 
 # ----------------------------------------------------------------------------- layout
@@ -410,73 +567,176 @@ def _map_segment(fd: int, nbytes: int) -> torch.UntypedStorage:
                          "for devmapd to map its arenas") from None
 
 
-def _bad_entry(i: int, e: TensorEntry, seg_nbytes: int, itemsize: int) -> ArenaError:
-    if e.offset < 0 or e.storage_nbytes < 0 or e.offset + e.storage_nbytes > seg_nbytes:
-        return ArenaError(f"tensor {i}: storage [{e.offset}, +{e.storage_nbytes}) lies outside "
+def _buffer_of(base: torch.UntypedStorage) -> Any:
+    """A buffer-protocol view of a CPU storage for ``torch.frombuffer``, or None.
+
+    The view is a numpy array whose base is a tensor on ``base``: every tensor made from it
+    holds the array, which holds the storage, which owns the mapping. No fd is kept open."""
+    try:
+        return torch.empty(0, dtype=torch.uint8).set_(base).numpy()
+    except (RuntimeError, TypeError):   # torch built without numpy: the set_ path serves
+        return None
+
+
+def _bad_entry(i: int, row: Sequence[Any], seg_nbytes: int, itemsize: int) -> ArenaError:
+    off, snb, soff, dt, shape, stride = row[1], row[2], row[3], row[4], row[5], row[6]
+    try:
+        outside = off < 0 or snb < 0 or off + snb > seg_nbytes
+        misaligned = off % itemsize
+    except TypeError:
+        return ArenaError(f"tensor {i}: malformed entry {list(row)!r:.120}; the manifest is corrupt")
+    if outside:
+        return ArenaError(f"tensor {i}: storage [{off}, +{snb}) lies outside "
                           f"its {seg_nbytes}-byte segment; the manifest is corrupt")
-    if e.offset % itemsize:
-        return ArenaError(f"tensor {i}: byte offset {e.offset} is not a multiple of the "
-                          f"{e.dtype} item size {itemsize}; the manifest is corrupt")
-    return ArenaError(f"tensor {i}: shape {e.shape} stride {e.stride} at element "
-                      f"{e.storage_offset} does not fit its {e.storage_nbytes}-byte storage; "
-                      "the manifest is corrupt")
+    if misaligned:
+        return ArenaError(f"tensor {i}: byte offset {off} is not a multiple of the "
+                          f"{dt} item size {itemsize}; the manifest is corrupt")
+    return ArenaError(f"tensor {i}: shape {tuple(shape)} stride {tuple(stride)} at element "
+                      f"{soff} does not fit its {snb}-byte storage; the manifest is corrupt")
 
 
 # torch's Python UntypedStorage.__getitem__ only adds a meta-device guard around this C slice;
 # a mapped segment is never on the meta device, and skipping the wrapper saves ~1 us a tensor.
 _slice = torch._C.StorageBase.__getitem__
 
+# One planned tensor: (index, dtype, byte offset, storage nbytes, storage_offset, shape, stride,
+# numel if it can be made with one torch.frombuffer call else 0, parameter, requires_grad).
+_Op = tuple[int, torch.dtype, int, int, int, tuple[int, ...], tuple[int, ...], int, bool, bool]
+
+
+def _plan(manifest: Manifest) -> list[list[_Op]]:
+    """Per segment, how to build each of its tensors; checked once, cached on the manifest.
+
+    A tensor takes the fast path (``torch.frombuffer``: one C call, ~1 us) when it alone uses
+    its storage, starts at storage_offset 0, is C-contiguous with torch's own strides and fills
+    the storage exactly: then the tensor frombuffer makes is the one torch.load makes (same
+    storage nbytes, offset and strides). Anything else (tied weights, views, padding, empty
+    storages) gets a storage of its own byte range and ``set_``, which torch.load also does.
+    """
+    plan = manifest._plan
+    if plan is not None:
+        return plan
+    segments = manifest.segments
+    rows = manifest._row_list()
+    nseg = len(segments)
+    plan = [[] for _ in range(nseg)]
+    users: dict[tuple[Any, Any, Any], int] = {}
+    try:
+        for r in rows:
+            key = (r[0], r[1], r[2])
+            users[key] = users.get(key, 0) + 1
+    except TypeError:   # an unhashable value where a number belongs
+        raise ArenaError("malformed manifest: a tensor entry holds a non-number where its "
+                         "segment, offset or size belongs; the manifest is corrupt") from None
+    dtypes: dict[Any, torch.dtype] = {}
+    for i, r in enumerate(rows):
+        seg, off, snb, soff, dtn, shape, stride, _loc, rg, par = r
+        if type(seg) is not int or not 0 <= seg < nseg:
+            raise ArenaError(f"tensor {i} names segment {seg!r}, which does not exist")
+        dt = dtypes.get(dtn)
+        if dt is None:
+            dt = dtypes[dtn] = dtype_from_name(dtn)
+        seg_nbytes = segments[seg].nbytes
+        try:
+            shape = tuple(shape)
+            stride = tuple(stride)
+            itemsize = dt.itemsize
+            if off < 0 or snb < 0 or off + snb > seg_nbytes or off % itemsize \
+                    or len(stride) != len(shape) or type(soff) is not int or soff < 0:
+                raise _bad_entry(i, r, seg_nbytes, itemsize)
+            numel = 1
+            for n in shape:
+                numel *= n
+            fast = 0
+            if soff == 0 and numel > 0 and numel * itemsize == snb and users[(seg, off, snb)] == 1:
+                expect, acc = True, 1
+                for n, s in zip(reversed(shape), reversed(stride)):
+                    if s != acc:
+                        expect = False
+                        break
+                    acc *= n
+                if expect:
+                    fast = numel
+            elif snb == 0 and numel != 0:
+                # an empty storage is resizable: set_ would grow it instead of refusing
+                raise _bad_entry(i, r, seg_nbytes, itemsize)
+        except ArenaError:
+            raise
+        except TypeError:
+            raise ArenaError(f"tensor {i}: malformed entry {list(r)!r:.120}; the manifest is "
+                             "corrupt") from None
+        plan[seg].append((i, dt, off, snb, soff, shape, stride, fast, bool(par), bool(rg)))
+    object.__setattr__(manifest, "_plan", plan)
+    return plan
+
+
+def _make(ops: list[_Op], storage_at: Callable[[int, int], torch.UntypedStorage],
+          frombuffer: Callable[..., torch.Tensor] | None, seg_nbytes: int,
+          out: list[torch.Tensor | None]) -> None:
+    """Build the tensors ``ops`` describes into ``out``; ``frombuffer`` (a CPU segment's
+    buffer bound in) makes the fast-path ones, ``storage_at(off, nbytes)`` the others' storages."""
+    storages: dict[tuple[int, int], torch.UntypedStorage] = {}
+    templates: dict[torch.dtype, torch.Tensor] = {}
+    param = torch.nn.Parameter
+    for op in ops:
+        i, dt, off, snb, soff, shape, stride, fast, par, rg = op
+        try:
+            if fast and frombuffer is not None:
+                t = frombuffer(dtype=dt, count=fast, offset=off)
+                if len(shape) != 1:
+                    t = t.view(shape)
+            else:
+                key = (off, snb)
+                st = storages.get(key)
+                if st is None:
+                    st = storages[key] = storage_at(off, snb)
+                tmpl = templates.get(dt)
+                if tmpl is None:
+                    tmpl = templates[dt] = torch.empty(0, dtype=dt, device=st.device)
+                # set_ checks shape/stride/storage_offset against the storage, which cannot be
+                # resized (a slice of a mapping), so an overrun raises instead of allocating.
+                t = tmpl.new_empty(0).set_(st, soff, shape, stride)
+        except (RuntimeError, TypeError, ValueError):
+            raise _bad_entry(i, (None, off, snb, soff, dt, shape, stride), seg_nbytes,
+                             dt.itemsize) from None
+        if par:
+            t = param(t, requires_grad=rg)
+        elif rg:
+            t.requires_grad_(True)
+        out[i] = t
+
 
 def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_index: int,
                        out: list[torch.Tensor | None]) -> None:
     """Build every tensor of ``segment_index`` as a view of ``base`` (the whole segment), in place.
 
-    Each manifest STORAGE becomes one slice ``base[offset:offset+nbytes]``. A slice is a new
-    storage whose memory *is* the base's (no copy) and which holds a reference to the base's
-    allocation, so the mapping lives as long as any tensor on any slice (tested: drop base and
-    manifest, gc, read). Per-storage slices rather than one storage for the whole segment make
-    attached tensors behave like torch.load's: tied weights share one storage object,
+    Each manifest STORAGE becomes its own storage over ``base``'s memory (no copy) that keeps
+    ``base``'s allocation alive, so the mapping lives as long as any tensor on it (tested: drop
+    base and manifest, gc, read). Per-storage storages rather than one for the whole segment
+    make attached tensors behave like torch.load's: tied weights share one storage object,
     ``untyped_storage().nbytes()`` and ``storage_offset()`` match the file, and
     ``torch.save(t)`` writes that storage, not the whole multi-GB segment.
     """
     seg_nbytes = manifest.segments[segment_index].nbytes
-    storages: dict[tuple[int, int], torch.UntypedStorage] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    templates: dict[torch.dtype, torch.Tensor] = {}   # new_empty on one is ~15% cheaper than torch.empty
-    empty = torch.empty
-    param = torch.nn.Parameter
-    dev = base.device
     if seg_nbytes and not base.nbytes() >= seg_nbytes:
         raise ArenaError(f"segment {segment_index} buffer holds {base.nbytes()} bytes, "
                          f"manifest expects {seg_nbytes}")
-    for i, e in enumerate(manifest.tensors):
-        if e.segment != segment_index:
-            continue
-        dt = dtypes.get(e.dtype)
-        if dt is None:
-            dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
-            templates[dt] = empty(0, dtype=dt, device=dev)
-        off, snb = e.offset, e.storage_nbytes
-        # Bounds here because storage slicing clamps silently; shape/stride/storage_offset
-        # against the storage size is checked by set_ itself (slices of a mapping cannot be
-        # resized, so an overrun raises instead of allocating). Empty segments have a
-        # resizable storage, hence their explicit numel check.
-        if off < 0 or snb < 0 or off + snb > seg_nbytes or off % dt.itemsize \
-                or (seg_nbytes == 0 and all(e.shape)):
-            raise _bad_entry(i, e, seg_nbytes, dt.itemsize)
-        key = (off, snb)
-        st = storages.get(key)
-        if st is None:
-            st = storages[key] = _slice(base, slice(off, off + snb))
-        try:
-            t = templates[dt].new_empty(0).set_(st, e.storage_offset, e.shape, e.stride)
-        except (RuntimeError, TypeError, ValueError):
-            raise _bad_entry(i, e, seg_nbytes, dt.itemsize) from None
-        if e.parameter:
-            t = param(t, requires_grad=e.requires_grad)
-        elif e.requires_grad:
-            t.requires_grad_(True)
-        out[i] = t
+    ops = _plan(manifest)[segment_index]
+    buf = _buffer_of(base) if base.device.type == "cpu" and seg_nbytes else None
+    if buf is not None:
+        fb = torch.frombuffer
+
+        def frombuffer(*, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+            return fb(buf, dtype=dtype, count=count, offset=offset)
+
+        def storage_at(off: int, nbytes: int) -> torch.UntypedStorage:
+            if nbytes == 0:
+                return _slice(base, slice(off, off))
+            return fb(buf, dtype=torch.uint8, count=nbytes, offset=off).untyped_storage()
+        _make(ops, storage_at, frombuffer, seg_nbytes, out)
+    else:
+        _make(ops, lambda off, nbytes: _slice(base, slice(off, off + nbytes)), None,
+              seg_nbytes, out)
 
 
 def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
@@ -490,10 +750,8 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
     """
     if len(fds) != len(manifest.segments):
         raise ArenaError(f"got {len(fds)} fds for {len(manifest.segments)} segments")
-    for i, e in enumerate(manifest.tensors):
-        if not 0 <= e.segment < len(manifest.segments):
-            raise ArenaError(f"tensor {i} names segment {e.segment}, which does not exist")
-    out: list[torch.Tensor | None] = [None] * len(manifest.tensors)
+    _plan(manifest)   # checks every entry before anything is mapped
+    out: list[torch.Tensor | None] = [None] * len(manifest._row_list())
     with gc_paused():
         for si, seg in enumerate(manifest.segments):
             if seg.kind == "memfd":
@@ -529,10 +787,11 @@ def build(manifest: Manifest, fds: Sequence[int | None], map_location: Any = Non
     tensors = attach(manifest, fds)
     if map_location is not None:
         from devmapd.engine import mapping
+        rows = manifest._row_list()
         tensors = mapping.apply_tensors(
-            tensors, [e.saved_location for e in manifest.tensors], map_location,
-            current_devices=[_segment_device(manifest.segments[e.segment], t)
-                             for e, t in zip(manifest.tensors, tensors)])
+            tensors, [str(r[7]) for r in rows], map_location,
+            current_devices=[_segment_device(manifest.segments[r[0]], t)
+                             for r, t in zip(rows, tensors)])
     with gc_paused():
         return tree.decode(manifest.tree, tensors)
 
