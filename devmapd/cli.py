@@ -2,7 +2,7 @@
 
 Exit codes (documented in the README):
   0  success
-  1  error (the daemon failed, an action was refused for another reason)
+  1  error (the daemon failed, or refused an action: the reason is printed)
   2  usage error (bad arguments, bad config)
   3  the daemon is unreachable
   4  no such model
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name", help="model name (see `devmapd status`)")
         if has_device:
             p.add_argument("device", help="cuda:N, cpu" + (" or auto" if name == "remap" else ""))
+        p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
         _socket_arg(p)
 
     p = sub.add_parser("inspect", help="what a checkpoint file or directory holds, without reading tensor data")
@@ -148,13 +149,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _action(op: str) -> Callable[[argparse.Namespace], int]:
+    """An operator action: print what the daemon says happened (applied, pending and why,
+    unchanged); a refusal is an error reply and exits non-zero with the daemon's reason."""
+
     def run(args: argparse.Namespace) -> int:
-        with _client(args) as client:
-            method = getattr(client, op)
-            result = method(args.name, args.device) if hasattr(args, "device") else method(args.name)
-        target = f" -> {result.get('device')}" if isinstance(result, dict) and result.get("device") else ""
-        state = result.get("state") if isinstance(result, dict) else None
-        print(f"{op} {args.name}{target}: ok" + (f" (state: {state})" if state else ""))
+        from devmapd.client import DaemonUnavailable, DevmapdError, ModelNotFound, PermissionDenied
+        from devmapd.textfmt import action_text, safe
+
+        device = getattr(args, "device", None)
+        try:
+            with _client(args) as client:
+                method = getattr(client, op)
+                result = method(args.name, device) if device is not None else method(args.name)
+        except (DaemonUnavailable, ModelNotFound, PermissionDenied):
+            raise                 # their own exit codes, in main()
+        except DevmapdError as exc:
+            what = f"{op} {safe(args.name)}" + (f" -> {safe(device)}" if device else "")
+            verb = "failed" if exc.code in ("unavailable", "internal") else "refused"
+            print(f"devmapd: {what} {verb}: {safe(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        if args.json:
+            json.dump(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(action_text(op, args.name, device, result))
         return EXIT_OK
 
     return run
@@ -168,14 +186,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump(insp.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(checkpoint.summary(insp))
+        from devmapd.textfmt import safe_text
+
+        print(safe_text(checkpoint.summary(insp)))   # names inside come from the file
     return EXIT_UNSERVABLE if insp.diagnosis is not None else EXIT_OK
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     import torch
 
-    from devmapd.textfmt import human_bytes
+    from devmapd.textfmt import human_bytes, safe
 
     started = time.perf_counter()
     with _client(args) as client:
@@ -196,7 +216,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         walk(obj)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         devices = sorted({str(t.device) for t in tensors})
-        print(f"{args.name}: {len(tensors)} tensors, {human_bytes(nbytes)} on {', '.join(devices) or '-'}, "
+        print(f"{safe(args.name)}: {len(tensors)} tensors, {human_bytes(nbytes)} on {', '.join(devices) or '-'}, "
               f"fetched in {elapsed * 1000:.2f} ms")
     return EXIT_OK
 
@@ -242,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except tuple(kind for kind, _code, _prefix in failures) as exc:
+        from devmapd.textfmt import safe
+
         code, prefix = next((c, p) for kind, c, p in failures if isinstance(exc, kind))
-        print(f"devmapd: {prefix}{exc}", file=sys.stderr)
+        print(f"devmapd: {prefix}{safe(exc)}", file=sys.stderr)   # messages quote model names
         return code
     except KeyboardInterrupt:
         return 130

@@ -27,8 +27,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from devmapd.textfmt import safe, safe_text
+
 __all__ = [
     "LISTEN_FDNAME",
+    "EscapingFormatter",
     "Notifier",
     "configure_logging",
     "journal_stream_matches",
@@ -336,7 +339,41 @@ def syslog_priority(levelno: int) -> int:
     return 7  # SD_DEBUG
 
 
-class JournalFormatter(logging.Formatter):
+# Every line of a record after its first starts with this, so no continuation line (a
+# traceback, an exception message holding a newline) can look like a record of its own.
+CONTINUATION = "  | "
+
+
+class EscapingFormatter(logging.Formatter):
+    """A Formatter after which no log line can be forged, whatever the call site logs.
+
+    Model names come from files and clients: a name holding a newline could otherwise write a
+    whole fake record ('... CRITICAL devmapd: FAKE'), and ESC/BEL would reach the terminal of
+    whoever tails the log. So the message (arguments merged) and the logger name are made one
+    line by :func:`devmapd.textfmt.safe` (``\\n``, ``\\x1b``, ...); the traceback and stack text
+    keep their lines, each escaped, and every line after the record's first starts with
+    :data:`CONTINUATION`. The record itself is left untouched for other handlers.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        clean = logging.makeLogRecord(record.__dict__)
+        clean.name = safe(record.name)
+        clean.msg, clean.args = safe(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            clean.exc_text = self.formatException(record.exc_info)
+        clean.exc_info = None
+        if clean.exc_text:
+            clean.exc_text = safe_text(clean.exc_text)
+        if clean.stack_info:
+            clean.stack_info = safe_text(clean.stack_info)
+        text = super().format(clean)
+        first, sep, rest = text.partition("\n")
+        if not sep:
+            return first
+        return first + "\n" + "\n".join(CONTINUATION + line for line in rest.split("\n"))
+
+
+class JournalFormatter(EscapingFormatter):
     """'<N>logger: message' with the <N> prefix on EVERY line, so a traceback's lines keep
     the record's priority in the journal instead of falling back to the unit's default."""
 
@@ -360,7 +397,9 @@ def configure_logging(level: int | str = logging.INFO, under_systemd: bool | Non
 
     Under systemd: no timestamps of our own (the journal stamps every line) and, when stderr
     is the journal stream, <N> syslog prefixes so `journalctl -p warning -u devmapd` works.
-    Elsewhere: '2026-01-01 12:00:00,000 WARNING devmapd.daemon: ...'.
+    Elsewhere: '2026-01-01 12:00:00,000 WARNING devmapd.daemon: ...'. Either way through an
+    :class:`EscapingFormatter`: one line per record plus marked continuation lines, control
+    characters escaped, so a model name cannot forge a log line.
     """
     if under_systemd is None:
         under_systemd = running_under_systemd()
@@ -373,7 +412,7 @@ def configure_logging(level: int | str = logging.INFO, under_systemd: bool | Non
     if under_systemd:
         handler.setFormatter(JournalFormatter(prefix=journal_stream_matches(2)))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:

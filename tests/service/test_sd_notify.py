@@ -216,3 +216,46 @@ def test_under_systemd_but_not_the_journal_drops_timestamps_only(tmp_path, child
 def test_bad_log_level_is_refused():
     with pytest.raises(ValueError, match="unknown log level"):
         systemd.configure_logging("loud", under_systemd=False)
+
+
+FORGING_CHILD = r"""
+import logging
+from devmapd.service.systemd import configure_logging
+configure_logging("debug", under_systemd=None)
+log = logging.getLogger("devmapd.test")
+name = "evil\n2026-01-01 00:00:00,000 CRITICAL devmapd: FAKE\n<2>devmapd: FAKE\x1b[31m\x07"
+log.info("%s: placed on cpu", name)
+try:
+    raise ValueError(f"cannot read {name}")
+except ValueError:
+    log.exception("load of %s failed", name)
+log.warning("after")
+"""
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["plain", "journal"])
+def test_a_name_cannot_forge_a_log_line_or_reach_the_terminal(tmp_path, child_env, journal):
+    """A newline in a logged name would write a whole fake record, ESC/BEL would reach the
+    terminal of whoever tails the log: the message becomes one line with them escaped, and
+    every continuation line (traceback, exception text) is marked, so none reads as a record."""
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        env = dict(child_env)
+        if journal:
+            st = os.fstat(f.fileno())
+            env.update(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", INVOCATION_ID="abc123")
+        subprocess.run([sys.executable, "-c", FORGING_CHILD], stderr=f, env=env, check=True, timeout=60)
+    raw = err.read_bytes()
+    assert not any(b < 32 and b != 10 for b in raw), raw       # no ESC, BEL, CR... only newlines
+    lines = raw.decode().splitlines()
+    strip = (lambda ln: ln[3:]) if journal else (lambda ln: ln)
+    records = [ln for ln in map(strip, lines) if not ln.startswith(systemd.CONTINUATION)]
+    # Exactly the three records logged, none forged; the name is there, escaped.
+    assert len(records) == 3, lines
+    assert "FAKE" not in "".join(ln.split(": ", 1)[0] for ln in records)
+    assert records[0].endswith(r"evil\n2026-01-01 00:00:00,000 CRITICAL devmapd: FAKE\n<2>devmapd: FAKE"
+                               r"\x1b[31m\x07: placed on cpu"), records[0]
+    assert "load of evil\\n" in records[1] and records[2].endswith("after")
+    assert any("Traceback" in ln for ln in lines) and any("ValueError: cannot read evil" in ln for ln in lines)
+    if journal:
+        assert all(ln[:3] in ("<6>", "<3>", "<4>") for ln in lines), lines
