@@ -15,7 +15,9 @@ Degrade, never crash:
 
 * pynvml missing, ``libnvidia-ml.so.1`` missing, driver not loaded, library/driver version
   mismatch, or init that hangs -> a CPU-only snapshot whose warning says why; init is retried
-  every ``retry_every`` snapshots.
+  every ``retry_every`` snapshots. Such a snapshot says ``backend="none"``: it is what serves
+  then (status reports the backend that actually serves, the warning says why and that NVML is
+  being retried); it says ``"nvml"`` again from the first snapshot NVML answers.
 * one GPU lost (GPU_IS_LOST, RESET_REQUIRED, ...) -> that device ``lost=True`` with ``error``;
   the others are reported normally.
 * a call that hangs -> every NVML call runs in a worker thread with ``call_timeout_s``; after a
@@ -45,6 +47,9 @@ from devmapd.devices.base import (
 )
 
 log = logging.getLogger("devmapd.devices")
+
+# The backend a snapshot names when NVML cannot be used and only the host memory is reported.
+CPU_ONLY_BACKEND = "none"
 
 # NVML return codes (nvml.h); read from the module when it has them, these are the fallbacks.
 _CODES = {
@@ -337,7 +342,8 @@ class NvmlBackend:
 
     def _cpu_only(self, host: Device, host_warning: str | None, now: float) -> Snapshot:
         reason = f"{self._reason}; running CPU-only, retrying NVML every {self.retry_every} polls"
-        return Snapshot(self.name, (), host, join_warnings(reason, host_warning), now)
+        # "none", not our name: no NVML serves this snapshot (README: backend is what serves).
+        return Snapshot(CPU_ONLY_BACKEND, (), host, join_warnings(reason, host_warning), now)
 
     def _stale(self, error: str) -> list[_Raw]:
         """Last known devices, marked with ``error`` (used when NVML does not answer)."""

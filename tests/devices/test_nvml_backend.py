@@ -131,7 +131,8 @@ def test_match_torch_indices_overrides_the_guess() -> None:
 def test_init_failure_is_cpu_only_with_the_reason(code, words) -> None:
     fake = FakeNvml(two_gpus(), init_error=code)
     snap = backend(fake).snapshot()
-    assert snap.gpus == () and snap.backend == "nvml"
+    # What serves is the CPU-only inventory: the backend says so (README: `none`), the warning why.
+    assert snap.gpus == () and snap.backend == "none"
     assert words in snap.warning and "CPU-only" in snap.warning
     assert snap.host.total > 0
 
@@ -142,10 +143,11 @@ def test_init_is_retried_every_n_polls_and_recovers() -> None:
     snaps = [b.snapshot() for _ in range(3)]  # polls 1-3: one attempt
     assert fake.init_calls == 1 and all(s.gpus == () for s in snaps)
     assert "retrying NVML every 3 polls" in snaps[-1].warning
+    assert all(s.backend == "none" for s in snaps)
     fake.init_error = None  # the driver was loaded
     later = b.snapshot()  # poll 4: the retry
     assert fake.init_calls == 2
-    assert later.gpus and later.warning is None
+    assert later.gpus and later.warning is None and later.backend == "nvml"
 
 
 def test_driver_unloaded_mid_run_degrades_then_recovers() -> None:
@@ -154,7 +156,7 @@ def test_driver_unloaded_mid_run_degrades_then_recovers() -> None:
     assert len(b.snapshot().gpus) == 2
     fake.count_error = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
     snap = b.snapshot()
-    assert snap.gpus == () and "driver is not loaded" in snap.warning
+    assert snap.gpus == () and "driver is not loaded" in snap.warning and snap.backend == "none"
     fake.count_error = None
     assert len(b.snapshot().gpus) == 2  # retry_every=1: the very next poll retries
 
@@ -240,7 +242,7 @@ def test_real_pynvml_degrades_to_cpu_only_here() -> None:
     b = open_backend("auto")
     try:
         snap = b.snapshot()
-        assert isinstance(snap, Snapshot) and snap.backend == "nvml"
+        assert isinstance(snap, Snapshot) and snap.backend == "none"
         assert snap.gpus == ()
         assert "libnvidia-ml.so.1 not found" in snap.warning and "retrying" in snap.warning
         assert snap.host.total > 0 and 0 < snap.host.free <= snap.host.total
@@ -257,3 +259,41 @@ def test_only_the_nvml_module_imports_pynvml() -> None:
             "from devmapd.devices import open_backend; open_backend('none').snapshot();"
             "assert 'pynvml' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root.parent)
+
+
+@pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None, reason="this machine has an NVIDIA driver")
+def test_real_daemon_without_libnvidia_ml_reports_backend_none_with_the_reason(tmp_path) -> None:
+    """`devmapd serve` with devices.backend = "nvml" on a machine without the NVIDIA library:
+    status names the backend that serves (`none`, as the README says) and the warning says why."""
+    import json
+    import os
+
+    from tests.harness import DaemonHandle, devmapd_cmd
+
+    cfg = tmp_path / "devmapd.toml"
+    cfg.write_text('[devices]\nbackend = "nvml"\npoll_interval_s = 0.2\n')
+    (tmp_path / "models").mkdir()
+    sock = str(tmp_path / "run" / "devmapd.sock")
+    log = tmp_path / "daemon.log"
+    argv = devmapd_cmd("serve", "--config", str(cfg), "--model-dir", str(tmp_path / "models"),
+                       "--socket", sock, "--state-dir", str(tmp_path / "state"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "DEVMAPD_SOCKET")}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(Path(__file__).resolve().parents[2]))
+    d = DaemonHandle(proc=proc, socket=sock, model_dir=tmp_path / "models", state_dir=tmp_path / "state",
+                     sim_file=tmp_path / "none.json", config_file=cfg, log_file=log, argv=argv)
+    try:
+        d.wait_for(lambda st: True, timeout=30, what="the daemon to answer")
+        cli_env = {**env, "DEVMAPD_SOCKET": sock}
+        st = json.loads(subprocess.run(devmapd_cmd("status", "--json"), capture_output=True, text=True,
+                                       env=cli_env, timeout=60, check=True).stdout)
+        assert st["daemon"]["backend"] == "none", st["daemon"]
+        warning = st["daemon"]["warning"]
+        assert "libnvidia-ml.so.1 not found" in warning and "retrying NVML" in warning, warning
+        assert [dev["id"] for dev in st["devices"]] == ["cpu"]
+        text = subprocess.run(devmapd_cmd("status"), capture_output=True, text=True, env=cli_env,
+                              timeout=60, check=True).stdout
+        assert "backend none" in text and "warning: " in text and "libnvidia-ml.so.1 not found" in text, text
+    finally:
+        d.stop()
