@@ -23,7 +23,11 @@ Ops (args -> result; the right each needs is in FETCH_OPS / OPERATOR_OPS):
     release   {name} | {lease}   -> {released: n}   (this connection's leases only)
     subscribe {}                 -> {subscribed: true}, then event frames with this request's id
     remap {name, device} | pin {name, device} | unpin {name} | evict {name} | reload {name}
-                                 -> whatever DaemonAPI.action returns
+                                 -> {name, state, ..., outcome, message}: ``outcome`` is
+                                    "applied" | "pending" (kept, waits: ``message`` says for
+                                    what) | "unchanged"; ``message`` one plain sentence. An
+                                    action the daemon will not do is an error reply
+                                    (``refused``, ``bad_request``...) whose message says why.
 
 This module imports nothing heavy (no torch, no asyncio work): the client, the server and the CLI
 all import it, and ``import devmapd`` must stay cheap.
@@ -47,7 +51,7 @@ if TYPE_CHECKING:  # only for annotations: importing arena pulls in torch
 __all__ = [
     "PROTOCOL_VERSION", "HEADER", "DEFAULT_MAX_FRAME", "CLIENT_MAX_FRAME", "MAX_FDS_PER_FRAME",
     "BAD_REQUEST", "NOT_FOUND", "FORBIDDEN", "UNAVAILABLE", "BUSY", "INTERNAL", "TOO_LARGE",
-    "VERSION", "ERROR_CODES", "FETCH_OPS", "OPERATOR_OPS", "ACTION_OPS", "ALL_OPS",
+    "VERSION", "REFUSED", "ERROR_CODES", "FETCH_OPS", "OPERATOR_OPS", "ACTION_OPS", "ALL_OPS",
     "ApiError", "ProtocolError", "Peer", "FetchGrant", "DaemonAPI",
     "encode_frame", "decode_body", "request", "ok_reply", "error_reply", "event_frame",
     "send_frame", "recv_frame", "close_fds", "fds_from_ancillary", "ancillary_space",
@@ -70,8 +74,9 @@ BUSY = "busy"
 INTERNAL = "internal"
 TOO_LARGE = "too_large"
 VERSION = "version"
+REFUSED = "refused"          # an operator action understood but not done; the message says why
 ERROR_CODES = frozenset({BAD_REQUEST, NOT_FOUND, FORBIDDEN, UNAVAILABLE, BUSY, INTERNAL,
-                         TOO_LARGE, VERSION})
+                         TOO_LARGE, VERSION, REFUSED})
 
 # Which right each op needs (peercred.AccessPolicy decides who has it). `release` only gives back
 # what the same connection was granted, so it needs no right of its own.

@@ -7,7 +7,9 @@ directly with ``arena.ArenaBuilder`` from ``torch.load(weights_only=True)``.
 
 Config keys: socket, model_dir, socket_mode, fetch_uids, fetch_groups, operator_uids,
 operator_groups, idle_timeout_s, frame_timeout_s, event_timeout_s, max_conns_per_uid,
-max_subs_per_conn, max_subs_per_uid, max_subs, slow (name -> seconds a fetch of it waits), queue_max.
+max_subs_per_conn, max_subs_per_uid, max_subs, slow (name -> seconds a fetch of it waits), queue_max,
+refuse (name -> [code, message]: actions on it are refused), reply_extra (name -> keys merged
+into its action replies, e.g. an outcome and a message).
 
 Beyond DaemonAPI, ``status()["wire"]`` exposes what the tests check from outside: outstanding
 leases, double releases, subscribers, server connections. The ``reload`` action with
@@ -104,6 +106,16 @@ class WireDaemon:
             self.models[path.stem] = {"manifest": manifest, "segments": segments, "path": str(path),
                                       "bytes": sum(s.nbytes for s in manifest.segments),
                                       "fetches": 0}
+        # Hugging Face directories (a config.json beside the weights), read by the engine; their
+        # JSON side files ride in the fetch reply's model record unless "side_files" is false
+        # (a daemon too old to ship them).
+        for d in sorted(p.parent for p in Path(cfg["model_dir"]).glob("*/config.json")):
+            from devmapd.engine import checkpoint, sidefiles
+            loaded = checkpoint.read(str(d))
+            files = sidefiles.read_side_files(d) if cfg.get("side_files", True) else None
+            self.models[d.name] = {"manifest": loaded.manifest, "segments": list(loaded.segments),
+                                   "path": str(d), "fetches": 0, "side_files": files,
+                                   "bytes": sum(s.nbytes for s in loaded.manifest.segments)}
 
     def _record(self, name: str) -> dict:
         m = self.models[name]
@@ -143,8 +155,11 @@ class WireDaemon:
         m["fetches"] += 1
         lease = next(self.lease_ids)
         self.leases[lease] = name
+        record = self._record(name)
+        if m.get("side_files") is not None:
+            record["side_files"] = m["side_files"]
         return FetchGrant(manifest=m["manifest"], fds=[s.fd for s in m["segments"]], lease=lease,
-                          model=self._record(name))
+                          model=record)
 
     def release(self, lease: Any) -> None:
         if self.leases.pop(lease, None) is None:
@@ -171,13 +186,16 @@ class WireDaemon:
         name = args.get("name")
         if name not in self.models:
             raise ApiError("not_found", f"no model named {name!r}")
+        if name in self.cfg.get("refuse", {}):           # [code, message]: a refused action
+            raise ApiError(*self.cfg["refuse"][name])
         for i in range(int(args.get("burst", 1))):
             self.emit({"type": "decision", "ts": time.time(), "name": name, "action": op,
                        "from": "cpu", "to": "cpu", "message": f"{op} {name} #{i}",
                        "pad": "x" * int(args.get("size", 0))})
             if i % 100 == 99:
                 await asyncio.sleep(0)   # let the server's pumps run, as a real daemon would
-        return {"name": name, "op": op, "state": "ready", "by_uid": peer.uid}
+        return {"name": name, "op": op, "state": "ready", "by_uid": peer.uid,
+                **self.cfg.get("reply_extra", {}).get(name, {})}
 
 
 async def main(cfg_path: str) -> None:
