@@ -1,7 +1,9 @@
 """devmapd: preloaded PyTorch checkpoints, shared zero-copy over a Unix socket.
 
 ``devmapd.load(name, map_location=None, *, socket=None, fallback=False, path=None)`` replaces
-``torch.load(path, map_location=..., weights_only=True)``; ``devmapd.Client`` talks to the daemon
+``torch.load(path, map_location=..., weights_only=True)``; ``devmapd.load_into(module, name)``
+makes a module's weights BE the served tensors (no copy); ``devmapd.hf.from_pretrained(name)``
+builds a served Hugging Face model ready to run; ``devmapd.Client`` talks to the daemon
 (status, events, operator actions). Both are imported lazily: ``import devmapd`` stays cheap (no
 torch), which the CLI relies on.
 """
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from devmapd._version import __version__
 
-_CLIENT_NAMES = ("load", "release", "Client", "DevmapdError", "DaemonUnavailable",
+_CLIENT_NAMES = ("load", "load_into", "release", "Client", "DevmapdError", "DaemonUnavailable",
                  "ModelNotFound", "PermissionDenied", "ModelUnavailable", "default_socket")
 
 __all__ = ["__version__", *_CLIENT_NAMES]
@@ -26,11 +28,15 @@ if TYPE_CHECKING:
         PermissionDenied,
         default_socket,
         load,
+        load_into,
         release,
     )
 
 
 def __getattr__(name: str) -> Any:
+    if name == "hf":   # devmapd.hf: imported on first use (it needs transformers, an extra)
+        import importlib
+        return importlib.import_module("devmapd.hf")
     if name in _CLIENT_NAMES:
         from devmapd import client
         value = getattr(client, name)
@@ -40,4 +46,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_CLIENT_NAMES))
+    return sorted(set(globals()) | set(_CLIENT_NAMES) | {"hf"})

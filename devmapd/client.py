@@ -17,14 +17,14 @@ import socket as _socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from devmapd.engine.gcpause import gc_paused
 from devmapd.wire import protocol as P
 
 __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
-           "ModelUnavailable", "Client", "load", "release", "default_socket"]
+           "ModelUnavailable", "Client", "load", "load_into", "release", "default_socket"]
 
 SYSTEM_SOCKET = "/run/devmapd/devmapd.sock"
 # A fetch may wait for a model that is still loading; the daemon gives up after its own
@@ -159,6 +159,10 @@ class Client:
         self._ids = itertools.count(1)
         self._event_socks: set[_socket.socket] = set()
         self._closed = False
+        # name -> (the reply's closing bytes b'"manifest":<json>}}', the Manifest built from
+        # them): a repeat fetch of an unchanged model compares bytes instead of parsing JSON
+        # and reuses the manifest's checked build plan (see _recv_fetch).
+        self._manifests: dict[str, tuple[bytes, Any]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -186,9 +190,12 @@ class Client:
         self._event_socks.clear()
 
     def _call(self, op: str, args: dict | None = None, *, max_fds: int = 0,
-              timeout: float | None = None) -> tuple[Any, list[int]]:
+              timeout: float | None = None,
+              recv: Callable[[_socket.socket, int], tuple[dict, list[int]]] | None = None,
+              ) -> tuple[Any, list[int]]:
         """Send one request and return (result, fds). Retries once on a fresh connection when
-        a reused one turns out to be dead (daemon restarted, idle connection closed)."""
+        a reused one turns out to be dead (daemon restarted, idle connection closed).
+        ``recv(sock, max_fds)`` reads a reply frame (default: protocol.recv_frame)."""
         with self._lock:
             if self._closed:
                 raise DevmapdError("this Client is closed", "closed")
@@ -205,7 +212,10 @@ class Client:
                 try:
                     P.send_frame(sock, P.request(rid, op, args))
                     while True:
-                        msg, fds = P.recv_frame(sock, max_fds=max_fds)
+                        if recv is None:
+                            msg, fds = P.recv_frame(sock, max_fds=max_fds)
+                        else:
+                            msg, fds = recv(sock, max_fds)
                         if msg.get("id") == rid and "event" not in msg:
                             break
                         P.close_fds(fds)
@@ -261,11 +271,29 @@ class Client:
         with gc_paused():
             return self._fetch(name, map_location)
 
+    def fetch_with_reply(self, name: str, map_location: Any = None) -> tuple[Any, dict]:
+        """``(fetch(name, map_location), the reply's other fields)``: ``model`` (its status
+        record) and, from a daemon that ships them, ``side_files`` (devmapd.hf reads them)."""
+        with gc_paused():
+            obj, result = self._fetch_reply(name, map_location)
+        return obj, {k: v for k, v in result.items() if k != "manifest"}
+
     def _fetch(self, name: str, map_location: Any) -> Any:
+        return self._fetch_reply(name, map_location)[0]
+
+    def _fetch_reply(self, name: str, map_location: Any) -> tuple[Any, dict]:
+        """(what torch.load would return, the fetch reply's other fields)."""
+        tail: list[bytes] = []
         result, fds = self._call("fetch", {"name": name}, max_fds=P.MAX_FDS_PER_FRAME,
-                                 timeout=max(self.timeout, LOAD_TIMEOUT_S))
+                                 timeout=max(self.timeout, LOAD_TIMEOUT_S),
+                                 recv=lambda sock, n: _recv_fetch(sock, n, self._manifests.get(name), tail))
         try:
-            return self._build(name, result, fds, map_location)
+            obj, manifest = self._build(name, result, fds, map_location)
+            if tail:
+                if len(self._manifests) >= _MANIFEST_CACHE and name not in self._manifests:
+                    self._manifests.pop(next(iter(self._manifests)))
+                self._manifests[name] = (tail[0], manifest)
+            return obj, result
         except BaseException:
             # Nothing of it is in use: give the lease back now rather than at disconnect.
             if isinstance(result, dict) and "lease" in result:
@@ -278,10 +306,12 @@ class Client:
             P.close_fds(fds)   # the mappings made by arena.build stay valid without the fds
 
     @staticmethod
-    def _build(name: str, result: Any, fds: list[int], map_location: Any) -> Any:
+    def _build(name: str, result: Any, fds: list[int], map_location: Any) -> tuple[Any, Any]:
         from devmapd.engine import arena  # torch: only now
         try:
-            manifest = arena.Manifest.from_json(result["manifest"])
+            manifest = result["manifest"]
+            if not isinstance(manifest, arena.Manifest):   # else: the cached one, bytes equal
+                manifest = arena.Manifest.from_json(manifest)
         except (TypeError, KeyError) as e:
             raise DevmapdError(f"the fetch reply for {name} has no manifest ({e})", "bad_reply") from None
         except arena.ArenaError as e:
@@ -299,7 +329,7 @@ class Client:
         if any(s.kind == "cuda-ipc" for s in manifest.segments):
             from devmapd.gpu import cuda_share  # noqa: F401  (registers the cuda-ipc importer)
         try:
-            return arena.build(manifest, per_segment, map_location)
+            return arena.build(manifest, per_segment, map_location), manifest
         except arena.ArenaError as e:
             raise DevmapdError(f"cannot map {name}: {e}", "bad_reply") from None
 
@@ -405,6 +435,77 @@ def _parting_error(sock: _socket.socket) -> DevmapdError | None:
     return None
 
 
+_MANIFEST_CACHE = 32          # models whose last manifest a Client keeps (bytes + plan)
+_MANIFEST_KEY = b',"manifest":'
+
+
+def _recv_fetch(sock: _socket.socket, max_fds: int, cached: tuple[bytes, Any] | None,
+                tail_out: list[bytes]) -> tuple[dict, list[int]]:
+    """Read a fetch reply frame, parsing as little of it as possible.
+
+    The server splices the manifest JSON in last: ``{..."result":{..., "manifest":M}}``. When
+    the frame ends with the bytes ``"manifest":M}}`` of the previous fetch of this model, M is
+    not parsed again: ``result["manifest"]`` is the Manifest built then (same bytes, same
+    manifest). Otherwise the head and M are parsed separately (together, the same work as one
+    parse) and M's closing bytes are put in ``tail_out`` for the cache. Anything unusual falls
+    back to parsing the whole frame, so a different server layout costs speed, never
+    correctness.
+    """
+    fds: list[int] = []
+    try:
+        head = bytearray(P.HEADER.size)
+        P._recv_exact_into(sock, memoryview(head), fds, max_fds)
+        (length,) = P.HEADER.unpack(head)
+        if length > P.CLIENT_MAX_FRAME:
+            raise P.ProtocolError(f"frame of {length} bytes exceeds the limit of "
+                                  f"{P.CLIENT_MAX_FRAME}", code=P.TOO_LARGE)
+        body = bytearray(length)
+        P._recv_exact_into(sock, memoryview(body), fds, max_fds)
+        return _split_fetch(bytes(body), cached, tail_out), fds
+    except BaseException:
+        P.close_fds(fds)
+        raise
+
+
+def _split_fetch(body: bytes, cached: tuple[bytes, Any] | None, tail_out: list[bytes]) -> dict:
+    import json
+    if cached is not None and body.endswith(cached[0]):
+        msg = _head_of(body[:len(body) - len(cached[0]) + len(_MANIFEST_KEY)])
+        if msg is not None:
+            msg["result"]["manifest"] = cached[1]
+            return msg
+    at = body.rfind(_MANIFEST_KEY)
+    if at > 0 and body.endswith(b"}}"):
+        cut = at + len(_MANIFEST_KEY)
+        msg = _head_of(body[:cut])
+        if msg is not None:
+            try:
+                manifest = json.loads(body[cut:-2])
+            except ValueError:
+                pass
+            else:
+                msg["result"]["manifest"] = manifest
+                tail_out.append(body[at:])
+                return msg
+    return P.decode_body(body)
+
+
+def _head_of(head: bytes) -> dict | None:
+    """``head`` (a reply up to and including ``,"manifest":``) completed with null, parsed;
+    None unless it is an ok reply whose result's last field is that manifest."""
+    import json
+    try:
+        msg = json.loads(head + b"null}}")
+    except ValueError:
+        return None
+    if type(msg) is not dict or msg.get("ok") is not True:
+        return None
+    result = msg.get("result")
+    if type(result) is not dict or "manifest" not in result or result["manifest"] is not None:
+        return None
+    return msg
+
+
 def _conn_event(state: str, message: str) -> dict:
     return {"type": "connection", "state": state, "ts": time.time(), "message": message}
 
@@ -456,6 +557,34 @@ def load(name: str, map_location: Any = None, *, socket: str | None = None,
                       stacklevel=2)
     import torch
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_into(module: Any, name: str, *, strict: bool = True, map_location: Any = None,
+              socket: str | None = None) -> Any:
+    """Make ``module``'s parameters and buffers BE model ``name``'s served tensors; returns it.
+
+    Like ``module.load_state_dict(devmapd.load(name), strict=strict, assign=True)``: no copy,
+    so the weights stay shared with the daemon and every other process (copy-on-write), and a
+    module built on the meta device (``with torch.device("meta"): model = Net()``) never
+    initialises weights it would throw away. ``load_state_dict`` without ``assign=True`` copies
+    every weight into the module's own memory instead. Parameters stay Parameters (with the
+    module's requires_grad) and take the served dtype and device, as with assign=True;
+    ``map_location`` moves them first. Also: DDP / DataParallel / torch.compile wrappers are
+    unwrapped (the daemon serves keys without their ``module.`` / ``_orig_mod.`` prefixes),
+    tied weights stay tied, a checkpoint holding the state dict under ``state_dict`` or
+    ``model`` is accepted, and anything left on the meta device is an error that names it.
+    Raises devmapd.engine.assign.AssignError (a RuntimeError) with torch's missing/unexpected
+    key and size-mismatch messages, and the DevmapdError family as ``load`` does.
+    """
+    from devmapd.engine import assign
+    obj = load(name, map_location, socket=socket)
+    what = f"devmapd model {_printable(name)}"
+    return assign.assign_state_dict(module, assign.state_dict_of(obj, what), strict=strict, what=what)
+
+
+def _printable(name: str) -> str:
+    """``name`` quoted with control characters escaped (names come from files and clients)."""
+    return repr(str(name))
 
 
 def release(name: str, *, socket: str | None = None) -> None:
