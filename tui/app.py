@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from textual import on, work
+from rich.text import Text
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Input, Static
 
 from .connection import (
     ClientFactory,
@@ -34,11 +35,22 @@ from .connection import (
     default_factory,
     error_text,
 )
-from .dialogs import ConfirmDialog, RemapChoice, RemapDialog
+from .dialogs import ConfirmDialog, ProblemsScreen, RemapChoice, RemapDialog
 from .help import HelpScreen
-from .models import SORT_COLUMNS, DaemonState, human_bytes, main_device
+from .models import (
+    SORT_COLUMNS,
+    WIDE_BOTTOM,
+    DaemonState,
+    Layout,
+    column_plan,
+    human_bytes,
+    main_device,
+    plan_layout,
+    safe,
+)
 from .widgets import (
     COLUMNS,
+    AppFooter,
     DetailPane,
     DevicePanel,
     EventLog,
@@ -78,12 +90,14 @@ class DevmapdApp(App[int]):
 
     BINDINGS = [
         Binding("m", "remap", "Remap"),
-        Binding("p", "pin", "Pin/Unpin"),
+        Binding("p", "pin", "Pin"),
         Binding("e", "evict", "Evict"),
         Binding("r", "reload", "Reload"),
         Binding("slash", "filter", "Filter"),
         Binding("s", "cycle_sort", "Sort"),
         Binding("x", "pressure", "Pressure"),
+        Binding("w", "problems", "Problems"),
+        Binding("d", "toggle_panes", "Panes"),
         Binding("ctrl+r", "refresh", "Refresh", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -118,6 +132,11 @@ class DevmapdApp(App[int]):
         self._details: dict[str, dict[str, Any]] = {}
         self._detail_for: str | None = None
         self._last_move: dict[str, tuple[Any, float]] = {}
+        self._problems_seen: dict[str, str] = {}
+        self._bottom_pref = "auto"          # "auto" | "shown" | "hidden": the `d` key
+        self._narrow_pane = "detail"        # the pane a narrow terminal's bottom shows
+        self._layout: Layout | None = None
+        self._layout_inputs: tuple | None = None
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -133,7 +152,7 @@ class DevmapdApp(App[int]):
                 with VerticalScroll(id="detail-box"):
                     yield DetailPane(id="detail")
                 yield EventLog(self.time_format, id="log")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         # Kept as attributes: while a dialog is open, query_one() searches the dialog's screen.
@@ -145,16 +164,19 @@ class DevmapdApp(App[int]):
         self._main = self.query_one("#main", Vertical)
         self._banner = self.query_one("#banner", Static)
         self._filter_box = self.query_one("#filter", Input)
+        self._bottom = self.query_one("#bottom", Horizontal)
+        self._detail_box = self.query_one("#detail-box", VerticalScroll)
         header = self._header
         header.socket = socket_label(self.socket)
         header.update_from()
         self._devices_panel.border_title = "Devices"
         self.query_one("#detail-box").border_title = "Selected model"
         self._event_log.border_title = "Decisions & events"
+        self._set_banner(f"connecting to {header.socket} …", "connecting")
+        self._apply_layout()
         self._title_models()
         self._devices_panel.update_from()
         self._show_detail()
-        self._set_banner(f"connecting to {header.socket} …", "connecting")
         self._table.focus()
         if self.handle_signals:
             self._install_signal_handlers()
@@ -184,6 +206,54 @@ class DevmapdApp(App[int]):
             self.pump.stop()
         self.requests.close()
 
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_layout()
+
+    def _apply_layout(self, force: bool = False) -> None:
+        """Fit the panels to the terminal (models.plan_layout): legend, device rows and
+        the bottom panes give way before the models table drops under its minimum rows."""
+        if not hasattr(self, "_bottom"):
+            return
+        width, height = self.size
+        banner = self._banner
+        extra = 0
+        if banner.has_class("visible"):
+            extra += max(1, -(-(len(str(banner.content)) + 2) // max(1, width)))
+        if self._filter_box.has_class("visible"):
+            extra += 1
+        inputs = (width, height, len(self.state.devices), extra, self._bottom_pref, self._narrow_pane)
+        if inputs == self._layout_inputs and not force:
+            return
+        self._layout_inputs = inputs
+        plan = plan_layout(width, height, len(self.state.devices), extra_rows=extra,
+                           bottom=self._bottom_pref, narrow_pane=self._narrow_pane)
+        self._layout = plan
+        devices = self._devices_panel
+        devices.display = plan.devices_height > 0
+        devices.styles.max_height = max(1, plan.devices_height)
+        devices.set_legend(plan.device_legend)
+        self._bottom.display = plan.bottom_height > 0
+        self._bottom.styles.height = max(1, plan.bottom_height)
+        self._detail_box.display = "detail" in plan.bottom_panes
+        self._event_log.display = "log" in plan.bottom_panes
+        footer = self.query_one(AppFooter)
+        footer.show_command_palette = width >= 120    # ctrl+p works anyway; room for keys first
+        footer.compact = width < 100
+        if self._table.set_columns(column_plan(width)):
+            self._title_models()
+
+    def action_toggle_panes(self) -> None:
+        """`d`: wide terminals show or hide detail | log; narrow ones go detail -> log -> none."""
+        shown = bool(self._layout and self._layout.bottom_height)
+        if not shown:
+            self._bottom_pref, self._narrow_pane = "shown", "detail"
+        elif self.size.width < WIDE_BOTTOM and self._narrow_pane == "detail":
+            self._narrow_pane = "log"
+        else:
+            self._bottom_pref, self._narrow_pane = "hidden", "detail"
+        self._apply_layout()
+        self._show_detail()
+
     # -- connection state ---------------------------------------------------------------------
 
     def on_connected(self, message: Connected) -> None:
@@ -194,6 +264,7 @@ class DevmapdApp(App[int]):
         self._main.remove_class("stale")
         changed, removed = self.state.apply_status(message.status)
         self._redraw_all(changed, removed)
+        self._apply_layout()
         header = self._header
         header.hello = self.hello
         header.mode = "operator" if self.operator else "read-only"
@@ -212,6 +283,7 @@ class DevmapdApp(App[int]):
             if self.demo is not None:
                 log.add(now, "info", "demo: press x to start a simulated training job on the GPU "
                                      "devmapd uses most and watch it demote models; x again ends it")
+        self._note_problems()
         self.outage_logged = False
         self._update_bindings()
 
@@ -222,6 +294,7 @@ class DevmapdApp(App[int]):
         stale = "; the data below is from before the outage" if self.state.loaded else ""
         self._set_banner(f"⚠ daemon unreachable at {sock}: {message.error} — retrying "
                          f"(attempt {message.attempt}, next in {message.retry_in:g}s){stale}", "down")
+        self._apply_layout()
         self._main.add_class("stale")
         self._show_detail()
         if not self.outage_logged:
@@ -234,7 +307,7 @@ class DevmapdApp(App[int]):
         banner = self._banner
         banner.set_class(text is not None, "visible")
         banner.set_class(kind == "connecting", "connecting")
-        banner.update(text or "")
+        banner.update(Text(safe(text)))   # quotes socket paths and error messages: literal
 
     # -- events -------------------------------------------------------------------------------
 
@@ -263,6 +336,7 @@ class DevmapdApp(App[int]):
             if self.state.apply_devices(event.get("devices") or []):
                 self._devices_panel.update_from()
                 self._header.update_from()
+                self._apply_layout()     # a device appeared or went: the panel's height changes
         elif kind == "decision":
             action = event.get("action") or "decision"
             name = str(event.get("name") or "")
@@ -307,6 +381,24 @@ class DevmapdApp(App[int]):
     def on_status_refreshed(self, message: StatusRefreshed) -> None:
         changed, removed = self.state.apply_status(message.status)
         self._redraw_all(changed, removed)
+        self._apply_layout()
+        self._note_problems()
+
+    def _note_problems(self) -> None:
+        """Log each of the daemon's problems (files it will not serve, and why) once when it
+        appears and once when it is gone; the header counts them and `w` lists them."""
+        problems = {str(k): str(v) for k, v in (self.state.daemon.get("problems") or {}).items()}
+        if problems == self._problems_seen:
+            return
+        log = self._event_log
+        now = self.clock()
+        for path, why in sorted(problems.items()):
+            if self._problems_seen.get(path) != why:
+                log.add(now, "problem", f"{path}: {why}")
+        for path in sorted(set(self._problems_seen) - set(problems)):
+            log.add(now, "resolved", f"{path} is no longer a problem")
+        self._problems_seen = problems
+        self._update_bindings()
 
     def _redraw_all(self, changed: set[str], removed: set[str]) -> None:
         table = self._table
@@ -341,8 +433,8 @@ class DevmapdApp(App[int]):
         title = f"Models ({table.row_count} of {len(self.state.models)}) · sorted by {label} " \
                 f"{'▼' if spec.reverse else '▲'}"
         if table.filter_text:
-            title += f" · filter “{table.filter_text}”"
-        table.border_title = title
+            title += f" · filter “{safe(table.filter_text)}”"
+        table.border_title = Text(title)    # what the operator typed is shown, never parsed
 
     def _selected_record(self) -> dict[str, Any] | None:
         table = getattr(self, "_table", None)   # check_action can run before on_mount
@@ -353,7 +445,8 @@ class DevmapdApp(App[int]):
         uid = self.hello.get("uid")
         who = f"uid {uid}" if uid is not None else "you"
         return (f"read-only: {who} is not a devmapd operator, so remap/pin/evict/reload are "
-                f"disabled (an operator is root or in the daemon's operator group)")
+                f"disabled (operators: root, the daemon's own user, and the [server] "
+                f"operator_uids / operator_groups of its config; empty lists mean root only)")
 
     def _actions_note(self) -> str | None:
         if not self.connected:
@@ -409,6 +502,8 @@ class DevmapdApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pressure":
             return self.demo is not None
+        if action == "problems":
+            return bool(self.state.daemon.get("problems") or self.state.daemon.get("pending"))
         if action in ACTIONS_NEEDING_OPERATOR:
             if not self.connected or not self.operator:
                 return None   # shown greyed out; the reason is in the header and detail pane
@@ -419,6 +514,9 @@ class DevmapdApp(App[int]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def action_problems(self) -> None:
+        self.push_screen(ProblemsScreen(self.state.daemon))
+
     def action_cycle_sort(self) -> None:
         table = self._table
         index = SORT_COLUMNS.index(table.sort_spec.column) if table.sort_spec.column in SORT_COLUMNS else -1
@@ -428,6 +526,7 @@ class DevmapdApp(App[int]):
     def action_filter(self) -> None:
         box = self._filter_box
         box.add_class("visible")
+        self._apply_layout()
         box.focus()
 
     def action_clear_filter(self) -> None:
@@ -435,6 +534,7 @@ class DevmapdApp(App[int]):
         if box.value:
             box.value = ""
         box.remove_class("visible")
+        self._apply_layout()
         self._table.focus()
 
     @on(Input.Changed, "#filter")
@@ -449,6 +549,7 @@ class DevmapdApp(App[int]):
     def _filter_submitted(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.remove_class("visible")
+            self._apply_layout()
         self._table.focus()
 
     def action_refresh(self) -> None:
@@ -537,7 +638,7 @@ class DevmapdApp(App[int]):
         target = f" → {args[0]}" if args else ""
         if failure:
             log.add(self.clock(), failure, f"{op} {name}{target}: {error}")
-            self.notify(f"{op} {name}: {error}", severity="error", timeout=6)
+            self.notify(safe(f"{op} {name}: {error}"), severity="error", timeout=6, markup=False)
             return
         message = result.get("message") if isinstance(result, dict) else None
         if not message and isinstance(result, dict) and result.get("state"):

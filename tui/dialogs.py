@@ -1,18 +1,46 @@
-"""Modal dialogs: remap (with how well the model fits on each device) and a yes/no confirm."""
+"""Modal dialogs: remap (with how well the model fits on each device), a yes/no confirm, and the
+daemon's problems.
+
+Each fits the terminal: width and height are capped in percent of the screen (app.tcss), the
+long part scrolls, and in a short or narrow terminal (`fit_small`) buttons and checkbox turn
+compact so the Cancel/No button stays on screen at 80x24.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Label, OptionList
+from textual.widgets import Button, Checkbox, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from .models import fit_on, human_bytes, main_device
+from .models import fit_on, human_bytes, main_device, safe
+from .widgets import problems_renderable
+
+SMALL_WIDTH = 100
+SMALL_HEIGHT = 30
+
+
+class FittedDialog(ModalScreen):  # type: ignore[type-arg]
+    """A modal whose widgets go compact (no button borders, less padding) in a small terminal."""
+
+    def fit_small(self) -> None:
+        width, height = self.app.size
+        small = width < SMALL_WIDTH or height < SMALL_HEIGHT
+        self.set_class(small, "-small")
+        for widget in self.query("Button, Checkbox"):
+            widget.compact = small  # type: ignore[attr-defined]
+
+    def on_mount(self) -> None:
+        self.fit_small()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.fit_small()
 
 
 @dataclass(frozen=True)
@@ -21,12 +49,15 @@ class RemapChoice:
     pin: bool        # pin there as well (stays put under pressure)
 
 
-def fit_prompt(device: dict[str, Any], record: dict[str, Any]) -> Text:
+def fit_prompt(device: dict[str, Any], record: dict[str, Any], names: bool = True) -> Text:
+    """One device in the remap list; `names=False` (a narrow terminal) leaves out the device's
+    name so each choice stays on one line."""
     fit = fit_on(device, record)
     text = Text()
-    text.append(f"{device.get('id', '?'):<8}", style="bold")
-    name = device.get("name") or ("Host RAM" if device.get("id") == "cpu" else "")
-    text.append(f"{name[:22]:<23}", style="grey70")
+    text.append(f"{safe(device.get('id', '?')):<8}", style="bold")
+    if names:
+        name = safe(device.get("name") or ("Host RAM" if device.get("id") == "cpu" else ""))
+        text.append(f"{name[:22]:<23}", style="grey70")
     text.append(f"free {human_bytes(device.get('free')):>10}  ", style="grey62")
     if fit.label == "already here":
         text.append("● current placement", style="cyan")
@@ -44,7 +75,7 @@ def pin_label(on: bool) -> str:
     return "Pin there: no — devmapd may move it under memory pressure (p toggles)"
 
 
-class RemapDialog(ModalScreen[RemapChoice | None]):
+class RemapDialog(FittedDialog):
     """Pick where a model should live; the list says whether and how well it fits each device."""
 
     BINDINGS = [
@@ -60,8 +91,8 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
         self.pin = bool(record.get("pinned")) if pin is None else pin
 
     def compose(self) -> ComposeResult:
-        name = self.record.get("name", "?")
-        current = main_device(self.record)
+        name = safe(self.record.get("name", "?"))
+        current = safe(main_device(self.record))
         with Vertical(id="remap-box", classes="dialog"):
             yield Label(Text.assemble(("Remap ", "bold"), (name, "bold cyan"),
                                       f"  ({human_bytes(self.record.get('bytes'))}, "
@@ -70,9 +101,9 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
             options = [Option(Text.assemble(("auto    ", "bold"),
                                             ("let devmapd choose the best fit (clears a pin)", "grey70")),
                               id="auto")]
+            names = self.app.size.width >= SMALL_WIDTH
             for dev in self.devices:
-                fit_on(dev, self.record)
-                options.append(Option(fit_prompt(dev, self.record), id=dev.get("id"),
+                options.append(Option(fit_prompt(dev, self.record, names), id=dev.get("id"),
                                       disabled=bool(dev.get("lost"))))
             yield OptionList(*options, id="remap-options")
             yield Checkbox(pin_label(self.pin), id="remap-pin", value=self.pin)
@@ -81,6 +112,7 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
                 yield Button("Cancel", id="remap-cancel")
 
     def on_mount(self) -> None:
+        self.fit_small()
         options = self.query_one(OptionList)
         options.focus()
         options.highlighted = 0
@@ -118,7 +150,7 @@ class RemapDialog(ModalScreen[RemapChoice | None]):
         self.dismiss(None)
 
 
-class ConfirmDialog(ModalScreen[bool]):
+class ConfirmDialog(FittedDialog):
     """Yes/no for actions that drop memory; `y` / `n` / Esc from the keyboard."""
 
     BINDINGS = [
@@ -134,13 +166,15 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-box", classes="dialog"):
-            yield Label(Text(self.title_text, style="bold"), classes="dialog-title")
-            yield Label(self.body, id="confirm-body")
+            # Title and body quote a model name: literal text with control characters escaped.
+            yield Label(Text(safe(self.title_text), style="bold"), classes="dialog-title")
+            yield Label(Text(safe(self.body)), id="confirm-body")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.confirm_label} (y)", variant="error", id="confirm-yes")
                 yield Button("No (n)", id="confirm-no")
 
     def on_mount(self) -> None:
+        self.fit_small()
         self.query_one("#confirm-no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
@@ -149,3 +183,23 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
+
+
+class ProblemsScreen(FittedDialog):
+    """`w`: the files the daemon will not serve (name clashes, refused symlinks and FIFOs), and
+    why, plus models waiting for missing parts. Esc closes."""
+
+    BINDINGS = [Binding("escape,w,q", "close", "Close")]
+
+    def __init__(self, daemon: dict[str, Any]) -> None:
+        super().__init__()
+        self.daemon = dict(daemon)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="problems-box", classes="dialog"):
+            yield Static(Text(f"Problems in {safe(self.daemon.get('model_dir') or 'the model directory')}"
+                              "   (Esc closes)", style="bold"), classes="dialog-title")
+            yield Static(problems_renderable(self.daemon), id="problems-body")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

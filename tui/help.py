@@ -6,9 +6,9 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from .dialogs import FittedDialog
 from .widgets import BAR_PARTS, STATE_STYLE
 
 KEYS = (
@@ -19,6 +19,8 @@ KEYS = (
     ("r", "reload the model from disk (asks first)"),
     ("/", "filter models by name, state, dtype or device; Esc clears"),
     ("s", "sort by the next column; again on a header reverses"),
+    ("d", "show / hide the detail and log panes (narrow terminals: detail, then log, then none)"),
+    ("w", "list the files the daemon does not serve, and why (shown when there are any)"),
     ("ctrl+r", "refresh the full status now"),
     ("x", "demo only: start / end a simulated training job that fills a GPU"),
     ("?", "this help"),
@@ -55,14 +57,17 @@ def help_text() -> Table:
         grid.add_row(Text(state, style=STATE_STYLE[state]), what)
     grid.add_row("", "")
     grid.add_row(Text("Actions", style="bold underline"), "")
-    grid.add_row("", "Remap, pin, evict and reload need an operator (root or the devmapd group).\n"
-                     "Others see the dashboard read-only. Results and refusals appear in the log.")
-    grid.add_row("", "When GPU memory runs low, devmapd moves unpinned models to the CPU and\n"
-                     "brings them back when it clears; the log says when and why.")
+    grid.add_row("", "Remap, pin, evict and reload need an operator: root, the daemon's own user, or "
+                     "a uid or group listed in [server] operator_uids / operator_groups of the "
+                     "daemon's config. Empty lists (the default) mean root only. Others see the "
+                     "dashboard read-only. Results and refusals appear in the log.")
+    grid.add_row("", "When GPU memory runs low, devmapd moves unpinned models to the CPU and "
+                     "brings them back when it clears; the log says when and why, and the detail "
+                     "pane's \"why\" says where each model sits and for what reason.")
     return grid
 
 
-class HelpScreen(ModalScreen[None]):
+class HelpScreen(FittedDialog):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss_help", "Close")]
 
     def compose(self) -> ComposeResult:

@@ -6,6 +6,7 @@ kept as the plain dicts the daemon sends so a field the daemon adds later is nev
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,6 +23,43 @@ HISTORY_INTERVAL_S = 5.0     # one sparkline sample per 5 s: 12 cells show the l
 
 # Model states in the order an operator cares about them when sorting by state.
 STATE_ORDER = {"failed": 0, "loading": 1, "queued": 2, "ready": 3, "evicted": 4}
+
+
+# What a terminal may act on: C0 and C1 controls and DEL, the Unicode line and paragraph
+# separators, the bidirectional overrides and isolates (they reorder what is shown), and lone
+# surrogates (undecodable bytes of a file name). Rich strips only a few of these (BEL, CR); ESC
+# would reach the operator's terminal and a newline would forge a second table row or log line.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     "\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:      # a byte that was not UTF-8, carried by surrogateescape
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def safe(value: Any) -> str:
+    """`value` as one printable line: every control character escaped ('a\\nb' reads as the
+    four characters a, backslash, n, b; ESC as '\\x1b'). Ordinary Unicode is kept as is.
+
+    Every string that came from the daemon (a model name is a file name, a message may quote
+    one) goes through this before it is shown; Rich markup is never parsed from such a string
+    because the widgets build `Text` objects, which take their content literally.
+
+    >>> safe("evil\\n\\x1b[31mname\\x07")
+    'evil\\\\n\\\\x1b[31mname\\\\x07'
+    """
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 def human_bytes(n: int | float | None, *, short: bool = False) -> str:
@@ -347,3 +385,133 @@ def fit_on(device: dict[str, Any], record: dict[str, Any]) -> Fit:
     tight = total and headroom < total * 0.05
     label = f"{'tight' if tight else 'fits'}: {human_bytes(headroom)} left after"
     return Fit(dev_id, True, label, headroom)
+
+
+# -- layout for the terminal's size -------------------------------------------------------------
+
+MODELS_MIN_ROWS = 4          # the models table never shows fewer rows than this
+BOTTOM_FULL = 13             # detail | log height when there is room
+BOTTOM_MIN = 6               # below this a bordered pane shows too little to be worth its rows
+WIDE_BOTTOM = 100            # below this width detail and log share the bottom in turns
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the main screen divides a terminal: what is shown and how tall it is.
+
+    Heights are in rows. The models table takes what is left (`models_rows` of it for data),
+    and the plan guarantees `models_rows >= MODELS_MIN_ROWS` whenever the terminal has room for
+    the table at all.
+    """
+    device_legend: bool          # the bar legend under the devices table
+    device_rows: int             # device rows shown (the rest scroll inside the panel)
+    devices_height: int          # 0: the devices panel is hidden
+    bottom_height: int           # 0: detail and log are hidden
+    bottom_panes: tuple[str, ...]   # which of "detail", "log" the bottom shows
+    models_rows: int
+
+
+def plan_layout(width: int, height: int, n_devices: int, *, extra_rows: int = 0,
+                bottom: str = "auto", narrow_pane: str = "detail") -> Layout:
+    """Divide a `width` x `height` terminal. `extra_rows` are taken by the banner and the
+    filter box; `bottom` is the operator's choice ("auto", "shown", "hidden", toggled with
+    `d`); `narrow_pane` is the pane a narrow terminal shows ("detail" or "log").
+
+    Priorities, from first to give way to last: the bar legend, the bottom panes' height
+    (down to BOTTOM_MIN, then hidden), the device rows, and never the models table's minimum.
+    Header and footer (one row each) always stay: the footer carries `? Help` and `q Quit`.
+    """
+    avail = max(0, height - 2 - extra_rows)
+    models_min = 2 + MODELS_MIN_ROWS                 # border title row + column header + rows
+    # Beyond the minimum, the table should get about a third of the screen before the bottom
+    # panes take their full height: at 100x30 that is 7 rows of models rather than 4.
+    models_target = max(models_min, avail // 3)
+    dev_rows = max(1, n_devices)
+    legend = True
+
+    def dev_height() -> int:
+        return 2 + dev_rows + (1 if legend else 0)   # border title row + column header + rows
+
+    def bottom_for(devices: int) -> int:
+        return min(BOTTOM_FULL, avail - devices - models_target)
+
+    bottom_h = bottom_for(dev_height())
+    if bottom_h < BOTTOM_FULL - 4 and bottom != "hidden":
+        legend = False
+        bottom_h = bottom_for(dev_height())
+    if bottom == "hidden":
+        bottom_h = 0
+    elif bottom_h < BOTTOM_MIN:
+        # "shown" takes rows from the table down to its minimum; "auto" hides the panes.
+        room = avail - dev_height() - models_min
+        bottom_h = min(BOTTOM_FULL, max(room, 0)) if bottom == "shown" else 0
+        if bottom_h < BOTTOM_MIN - 2:
+            bottom_h = 0
+    devices_h = dev_height()
+    spare = avail - bottom_h - models_min
+    if devices_h > spare:
+        # Too many devices for the height: show what fits (the panel scrolls), or none at all.
+        legend = False
+        dev_rows = max(0, min(dev_rows, spare - 2))
+        devices_h = 2 + dev_rows if dev_rows >= 1 else 0
+    models_h = avail - bottom_h - devices_h
+    if width >= WIDE_BOTTOM:
+        panes: tuple[str, ...] = ("detail", "log")
+    else:
+        panes = (narrow_pane if narrow_pane in ("detail", "log") else "detail",)
+    return Layout(device_legend=legend, device_rows=dev_rows, devices_height=devices_h,
+                  bottom_height=bottom_h, bottom_panes=panes if bottom_h else (),
+                  models_rows=max(0, models_h - 2))
+
+
+# -- models table columns for the terminal's width ---------------------------------------------
+
+# key -> (header, fixed width in cells or None for "the rest"); the display order.
+MODEL_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("name", "Name", None), ("state", "State", 16), ("placement", "Placement", 16),
+    ("size", "Size", 9), ("dtype", "Dtype", 9), ("clients", "Clients", 7),
+    ("last_fetch", "Last fetch", 10), ("load", "Load", 7), ("pinned", "Pinned", 7),
+    ("why", "Why", None),
+)
+# Narrow terminals drop these first, so the name keeps a readable width and nothing scrolls
+# sideways (a horizontal scrollbar would also cost the table a row).
+COLUMN_DROP_ORDER = ("why", "load", "last_fetch", "dtype", "clients", "pinned", "placement", "size")
+NAME_MIN = 18
+WHY_MIN = 28
+CELL_PADDING = 2             # DataTable pads each cell by one column either side
+SCROLLBAR = 2                # the table's vertical scrollbar
+
+
+def column_plan(width: int) -> dict[str, int]:
+    """The models table's columns for a terminal `width` wide: key -> cell width.
+
+    The name takes what the fixed columns leave; a "Why" column (each model's reason) joins
+    when the terminal is wide enough for it without squeezing the name.
+    """
+    usable = max(0, width - SCROLLBAR)
+    wide = width >= 140
+    fixed = {key: (24 if key == "placement" and wide else w) for key, _, w in MODEL_COLUMNS if w}
+    keep = [key for key, _, _ in MODEL_COLUMNS]
+
+    def used(cols: list[str]) -> int:
+        return sum(fixed[k] + CELL_PADDING for k in cols if k in fixed) + \
+            CELL_PADDING * sum(1 for k in cols if k not in fixed)
+
+    for drop in COLUMN_DROP_ORDER:
+        rest = usable - used(keep)
+        need = NAME_MIN + (WHY_MIN if "why" in keep else 0)
+        if rest >= need:
+            break
+        keep.remove(drop)
+    rest = max(NAME_MIN, usable - used(keep))
+    plan: dict[str, int] = {}
+    for key in keep:
+        if key in fixed:
+            plan[key] = fixed[key]
+        elif key == "name":
+            plan[key] = min(rest - WHY_MIN, 40) if "why" in keep else rest
+        else:
+            plan[key] = 0          # why: filled in below, after the name
+    if "why" in plan:
+        plan["why"] = max(WHY_MIN, rest - plan["name"])
+    return plan

@@ -9,9 +9,14 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from textual.widgets import DataTable, RichLog, Static
+from textual.app import ComposeResult
+from textual.containers import HorizontalGroup
+from textual.widget import Widget
+from textual.widgets import DataTable, Footer, RichLog, Static
+from textual.widgets._footer import FooterKey
 
 from .models import (
+    MODEL_COLUMNS,
     DaemonState,
     SortSpec,
     dtype_text,
@@ -24,6 +29,7 @@ from .models import (
     placement_items,
     placement_text,
     progress_fraction,
+    safe,
     short_uuid,
     sort_key,
     utilization_percent,
@@ -42,7 +48,7 @@ STATE_STYLE = {"ready": "green", "loading": "yellow", "queued": "cyan", "failed"
 ACTION_STYLE = {"placed": "green", "promoted": "green", "loaded": "green", "reloaded": "green",
                 "demoted": "yellow", "remapped": "cyan", "pinned": "cyan", "unpinned": "cyan",
                 "evicted": "magenta", "failed": "bold red", "removed": "magenta", "refused": "red",
-                "error": "red", "info": "grey62"}
+                "error": "red", "info": "grey62", "problem": "yellow", "resolved": "green"}
 
 
 def memory_bar(device: dict[str, Any], width: int = BAR_WIDTH) -> Text:
@@ -97,32 +103,50 @@ class HeaderBar(Static):
     def update_from(self) -> None:
         d = self.state.daemon
         hello = self.hello
-        text = Text()
-        text.append(" devmapd ", style="bold reverse")
+        # (text, style, drop rank): a narrow terminal drops the highest ranks first; the mode
+        # (operator / read-only) and the problem count are what an operator must always see.
+        parts: list[tuple[str, str, int]] = []
         version = d.get("version") or hello.get("version")
-        if version:
-            text.append(f" {version}", style="bold")
         host = d.get("host") or hello.get("host")
-        sep = ("  │  ", "grey42")
         if host:
-            text.append(*sep)
-            text.append(str(host), style="bold")
+            parts.append((safe(host), "bold", 3))
         up = self.state.uptime()
         if up is not None:
-            text.append(*sep)
-            text.append(f"up {uptime_text(up)}")
+            parts.append((f"up {uptime_text(up)}", "", 2))
         backend = d.get("backend") or hello.get("backend")
         if backend or self.state.loaded:
-            text.append(*sep)
-            text.append(backend_text(backend, self.state), style="cyan")
-        text.append(*sep)
-        text.append(str(d.get("socket") or hello.get("socket") or self.socket), style="grey62")
+            parts.append((backend_text(backend, self.state), "cyan", 1))
+        parts.append((safe(d.get("socket") or hello.get("socket") or self.socket), "grey62", 4))
+        problems = len(d.get("problems") or {})
+        if problems:
+            parts.append((f"⚠ {problems} problem{'s' if problems != 1 else ''} (w)", "bold yellow", 0))
         if self.mode:
-            text.append(*sep)
-            text.append(self.mode, style="bold green" if self.mode == "operator" else "bold yellow")
+            parts.append((self.mode, "bold green" if self.mode == "operator" else "bold yellow", 0))
+        width = self.size.width or 120
+        sep = "  │  "
+        head = " devmapd " + (f" {safe(version)}" if version else "")
+
+        def length(items: list[tuple[str, str, int]]) -> int:
+            return len(head) + sum(len(sep) + len(t) for t, _, _ in items)
+
+        for rank in (4, 3, 2, 1):
+            if length(parts) <= width:
+                break
+            parts = [p for p in parts if p[2] != rank]
+        text = Text()
+        text.append(" devmapd ", style="bold reverse")
+        if version:
+            text.append(f" {safe(version)}", style="bold")
+        for value, style, _ in parts:
+            text.append(sep, style="grey42")
+            text.append(value, style=style)
         if text.plain != self._shown:   # called at every device report; redraw only on change
             self._shown = text.plain
             self.update(text)
+
+    def on_resize(self) -> None:
+        self._shown = None
+        self.update_from()
 
 
 def uptime_text(seconds: float) -> str:
@@ -140,7 +164,7 @@ def backend_text(backend: str | None, state: DaemonState) -> str:
         return f"simulated · {gpus} GPU{'s' if gpus != 1 else ''}"
     if backend in ("none", None, ""):
         return "CPU only (no GPU inventory)"
-    return str(backend)
+    return safe(backend)
 
 
 # key -> (header, Rich column options); in display order.
@@ -168,6 +192,7 @@ class DevicePanel(Static):
     def __init__(self, state: DaemonState, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
         self.state = state
+        self.legend = True      # the app drops the legend when the terminal is short
         self._shown: tuple | None = None
         self._rows: tuple[int, int] | None = None
 
@@ -182,7 +207,13 @@ class DevicePanel(Static):
                          human_bytes(split.others), human_bytes(dev.get("free")),
                          human_bytes(split.total), dev.get("utilization"),
                          self.state.history.sparkline(dev.get("id", ""), 12)))
-        return tuple(rows)
+        return (self.legend, tuple(rows))
+
+    def set_legend(self, on: bool) -> None:
+        if on != self.legend:
+            self.legend = on
+            self._shown = None
+            self.update_from()
 
     def update_from(self) -> None:
         signature = self._signature()
@@ -210,9 +241,9 @@ class DevicePanel(Static):
             if dev.get("simulated"):
                 flags.append("sim", style="magenta")
             cells = {
-                "id": Text(dev.get("id", "?"), style="bold" if not dev.get("lost") else "strike red"),
-                "name": dev.get("name") or ("Host RAM" if is_host else "?"),
-                "uuid": "-" if is_host else short_uuid(dev.get("uuid")),
+                "id": Text(safe(dev.get("id", "?")), style="bold" if not dev.get("lost") else "strike red"),
+                "name": Text(safe(dev.get("name") or ("Host RAM" if is_host else "?"))),
+                "uuid": "-" if is_host else safe(short_uuid(dev.get("uuid"))),
                 "bar": memory_bar(dev),
                 "models": Text(human_bytes(split.models), style="green"),
                 "others": Text(human_bytes(split.others), style="yellow"),
@@ -223,7 +254,9 @@ class DevicePanel(Static):
                 "flags": flags,
             }
             table.add_row(*(cells[k] for k in columns))
-        parts: list[RenderableType] = [table, bar_legend("history" in columns)]
+        parts: list[RenderableType] = [table]
+        if self.legend:
+            parts.append(bar_legend("history" in columns))
         # Same number of rows: no relayout of the screen needed, just a repaint of this panel.
         height = (len(self.state.devices), len(parts))
         same_height = self._rows == height
@@ -251,16 +284,19 @@ class DevicePanel(Static):
 
 # -- the models table -------------------------------------------------------------------------
 
-COLUMNS = (
-    ("name", "Name"), ("state", "State"), ("placement", "Placement"), ("size", "Size"),
-    ("dtype", "Dtype"), ("clients", "Clients"), ("last_fetch", "Last fetch"), ("load", "Load"),
-    ("pinned", "Pinned"),
-)
+COLUMNS = tuple((key, label) for key, label, _ in MODEL_COLUMNS)
+
+
+def cell(value: Any, style: str = "", justify: str | None = None) -> Text:
+    """One table cell: literal text (DataTable parses a plain str as markup), control characters
+    escaped, cut with an ellipsis rather than wrapped when the column is narrower."""
+    return Text(safe(value), style=style, no_wrap=True, overflow="ellipsis",
+                justify=justify)  # type: ignore[arg-type]
 
 
 def state_cell(record: dict[str, Any]) -> Text:
     state = record.get("state", "?")
-    text = Text(state, style=STATE_STYLE.get(state, ""))
+    text = cell(state, STATE_STYLE.get(state, ""))
     if state == "loading":
         frac = progress_fraction(record.get("progress"))
         if frac is not None:
@@ -268,25 +304,24 @@ def state_cell(record: dict[str, Any]) -> Text:
     elif state == "failed":
         diag = record.get("diagnosis") or {}
         if diag.get("code"):
-            text.append(f" {diag['code']}", style="red")
+            text.append(f" {safe(diag['code'])}", style="red")
     return text
 
 
 def row_cells(record: dict[str, Any], now: float) -> dict[str, Any]:
-    name = Text(record.get("name", "?"), no_wrap=True, overflow="ellipsis")
-    if record.get("state") == "failed":
-        name.stylize("red")
+    name = cell(record.get("name", "?"), "red" if record.get("state") == "failed" else "")
     pin = record.get("pin") or ("yes" if record.get("pinned") else "")
     return {
         "name": name,
         "state": state_cell(record),
-        "placement": placement_text(record.get("placement")),
-        "size": Text(human_bytes(record.get("bytes")), justify="right"),
-        "dtype": dtype_text(record.get("dtypes")),
-        "clients": Text(str(record.get("clients") or 0), justify="right"),
-        "last_fetch": human_age(record.get("last_fetch"), now),
-        "load": Text(load_time_text(record.get("load_time_s")), justify="right"),
-        "pinned": Text(pin, style="cyan"),
+        "placement": cell(placement_text(record.get("placement"))),
+        "size": cell(human_bytes(record.get("bytes")), justify="right"),
+        "dtype": cell(dtype_text(record.get("dtypes"))),
+        "clients": cell(record.get("clients") or 0, justify="right"),
+        "last_fetch": cell(human_age(record.get("last_fetch"), now)),
+        "load": cell(load_time_text(record.get("load_time_s")), justify="right"),
+        "pinned": cell(pin, "cyan"),
+        "why": cell(record.get("reason") or "", "grey70"),
     }
 
 
@@ -305,10 +340,33 @@ class ModelTable(DataTable):
         self.filter_text = ""
         self.sort_spec = SortSpec("name")
         self._cells: dict[str, dict[str, Any]] = {}
+        self._plan: dict[str, int] = {}
 
     def on_mount(self) -> None:
-        for key, label in COLUMNS:
-            self.add_column(label, key=key)
+        if not self._plan:
+            self.set_columns({key: 0 for key, _ in COLUMNS if key != "why"})
+
+    @property
+    def column_keys(self) -> list[str]:
+        return list(self._plan)
+
+    def set_columns(self, plan: dict[str, int]) -> bool:
+        """Show the columns of `plan` (key -> width; 0 fits the content). A no-op when nothing
+        changes; otherwise the rows are laid out again (a resize, not an event, gets here)."""
+        if plan == self._plan:
+            return False
+        keep = self.selected_name
+        self._plan = dict(plan)
+        labels = dict(COLUMNS)
+        self.clear(columns=True)
+        self._cells = {}
+        for key, width in plan.items():
+            self.add_column(labels[key], key=key, width=width or None)
+        self._label_columns()
+        self.sync(list(self.state.models))
+        if keep is not None:
+            self.select(keep)
+        return True
 
     @property
     def selected_name(self) -> str | None:
@@ -336,13 +394,13 @@ class ModelTable(DataTable):
             cells = row_cells(record, now)
             old = self._cells.get(name)
             if old is None:
-                self.add_row(*(cells[k] for k, _ in COLUMNS), key=name)
+                self.add_row(*(cells[k] for k in self._plan), key=name)
                 self._cells[name] = cells
                 resort = True
                 continue
-            for key, _ in COLUMNS:
+            for key, width in self._plan.items():
                 if not _same(old[key], cells[key]):
-                    self.update_cell(name, key, cells[key], update_width=True)
+                    self.update_cell(name, key, cells[key], update_width=not width)
                     if key == self.sort_spec.column:
                         resort = True
             self._cells[name] = cells
@@ -363,10 +421,11 @@ class ModelTable(DataTable):
             record = self.state.models.get(name)
             if record is None:
                 continue
-            age = human_age(record.get("last_fetch"), now)
-            if age != cells["last_fetch"]:
+            age = cell(human_age(record.get("last_fetch"), now))
+            if age.plain != cells["last_fetch"].plain:
                 cells["last_fetch"] = age
-                self.update_cell(name, "last_fetch", age)
+                if "last_fetch" in self._plan:
+                    self.update_cell(name, "last_fetch", age)
 
     def set_sort(self, column: str, reverse: bool | None = None) -> None:
         if reverse is None:
@@ -377,6 +436,8 @@ class ModelTable(DataTable):
 
     def _label_columns(self) -> None:
         for key, label in COLUMNS:
+            if key not in self._plan:
+                continue
             column = self.columns.get(key)  # type: ignore[call-overload]
             if column is None:
                 continue
@@ -411,22 +472,22 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
         return Text("Select a model to see where it sits, why, and what is in it.", style="grey50")
     title = Text()
     state = record.get("state", "?")
-    title.append(record.get("name", "?"), style="bold")
+    title.append(safe(record.get("name", "?")), style="bold")
     title.append("  ")
-    title.append(state, style=STATE_STYLE.get(state, ""))
+    title.append(safe(state), style=STATE_STYLE.get(state, ""))
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="grey62", no_wrap=True, width=9)
     grid.add_column(ratio=1, overflow="fold")
 
     def row(label: str, value: str | Text, style: str = "") -> None:
-        grid.add_row(label, value if isinstance(value, Text) else Text(value, style=style))
+        # Every value here quotes the daemon (names, paths, messages): escaped, never markup.
+        grid.add_row(label, value if isinstance(value, Text) else Text(safe(value), style=style))
 
-    if record.get("reason"):
-        row("why", str(record["reason"]), "grey85")
+    row("why", record.get("reason") or why_missing(record), "grey85")
     diag = record.get("diagnosis") or (detail or {}).get("diagnosis")
     if diag:
         row(Text("diagnosis", style="bold red"),  # type: ignore[arg-type]
-            Text.assemble((f"[{diag.get('code', '?')}] ", "bold red"), (diag.get("message") or "", "red")))
+            Text.assemble((f"[{safe(diag.get('code', '?'))}] ", "bold red"), (safe(diag.get("message")), "red")))
     elif state == "failed" and record.get("error"):
         row("error", str(record["error"]), "red")
     items = placement_items(record.get("placement"))
@@ -452,7 +513,7 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
         row("saved on", ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(locations.items())))
     prefixes = insp.get("prefixes") or record.get("prefixes") or ()
     if prefixes:
-        row("prefixes", ", ".join(prefixes) + " (stripped on load)")
+        row("prefixes", ", ".join(safe(p) for p in prefixes) + " (stripped on load)")
     if insp.get("groups"):
         row("groups", f"{len(insp['groups'])} · largest tensor {human_bytes(insp.get('largest_tensor'))}")
     pin = record.get("pin")
@@ -467,6 +528,16 @@ def detail_renderable(record: dict[str, Any] | None, detail: dict[str, Any] | No
         parts.append(Text(actions_note, style="yellow"))
     parts.append(grid)
     return Group(*parts)
+
+
+def why_missing(record: dict[str, Any]) -> str:
+    """What to say when the daemon gave no reason (an older daemon, or a state with none)."""
+    state = record.get("state")
+    if state == "queued":
+        return "waiting to be read"
+    if state == "loading":
+        return "being read"
+    return "-"
 
 
 class DetailPane(Static):
@@ -487,10 +558,64 @@ class EventLog(RichLog):
     def add(self, ts: float, action: str, message: str) -> None:
         line = Text()
         line.append(self.fmt_time(ts) + " ", style="grey50")
-        line.append(f"{action:<9}", style=ACTION_STYLE.get(action, "white"))
-        line.append(" " + message)
+        line.append(f"{safe(action):<9}", style=ACTION_STYLE.get(action, "white"))
+        line.append(" " + safe(message))
         self.plain_lines.append(line.plain)
         self.write(line)
 
     def text(self) -> str:
         return "\n".join(self.plain_lines)
+
+
+# Keys the footer keeps on screen at any width: grouped and docked at the right, so a narrow
+# terminal cuts (or scrolls) the other keys, never these.
+ALWAYS_SHOWN = ("help", "quit")
+
+
+class AppFooter(Footer):
+    """The footer with `? Help` and `q Quit` always visible, however narrow the terminal."""
+
+    DEFAULT_CSS = """
+    AppFooter #footer-always { dock: right; width: auto; height: 1; }
+    AppFooter #footer-always FooterKey.-command-palette { dock: none; }
+    """
+
+    def compose(self) -> ComposeResult:
+        pinned: dict[str, Widget] = {}
+        for widget in super().compose():
+            action = getattr(widget, "action", None)
+            if isinstance(widget, FooterKey) and action in ALWAYS_SHOWN and action not in pinned:
+                pinned[action] = widget
+            elif isinstance(widget, FooterKey) and widget.has_class("-command-palette"):
+                pinned["palette"] = widget
+            else:
+                yield widget
+        if pinned:
+            with HorizontalGroup(id="footer-always"):
+                for key in ("palette", *ALWAYS_SHOWN):
+                    if key in pinned:
+                        yield pinned[key]
+
+
+def problems_renderable(daemon: dict[str, Any]) -> RenderableType:
+    """The daemon's `problems` (path -> why it is not served) and `pending` (model -> what it
+    waits for), for the problems dialog. Paths are file names: escaped, never markup."""
+    problems = daemon.get("problems") or {}
+    pending = daemon.get("pending") or {}
+    if not problems and not pending:
+        return Text("No problems: every file in the model directory is served or ignored on purpose.",
+                    style="green")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, max_width=36, overflow="ellipsis", style="bold")
+    grid.add_column(ratio=1, overflow="fold")
+    if problems:
+        grid.add_row(Text("Not served", style="bold underline yellow"), "")
+        for path, why in sorted(problems.items()):
+            grid.add_row(Text(safe(path)), Text(safe(why)))
+    if pending:
+        if problems:
+            grid.add_row("", "")
+        grid.add_row(Text("Waiting", style="bold underline cyan"), "")
+        for name, what in sorted(pending.items()):
+            grid.add_row(Text(safe(name)), Text(safe(what)))
+    return grid
