@@ -164,7 +164,15 @@ class _Ledger:
             return f"no device {dev}"
         if dev == self.host_id:
             return f"host cap leaves {fmt_bytes(self.left(dev))}, needs {fmt_bytes(nbytes)}"
-        return f"{dev} has {fmt_bytes(max(0, self.left(dev)))} for devmapd, needs {fmt_bytes(self.cost(dev, nbytes))}"
+        return (f"{dev} has {fmt_bytes(max(0, self.left(dev)))} for devmapd{self.after_reserve()}, "
+                f"needs {fmt_bytes(self.cost(dev, nbytes))}")
+
+    def after_reserve(self) -> str:
+        """Names the per-GPU reserve when there is one: a small GPU can hold nothing because of
+        it, and "0 B on cuda:0" alone does not say why."""
+        if not self.policy.reserve:
+            return ""
+        return f" after the {fmt_bytes(self.policy.reserve)} reserve (devices.reserve_mib)"
 
 
 def _groups_of(m: ModelDemand) -> list[tuple[str, int]]:
@@ -272,7 +280,7 @@ def _place_fallback(nbytes: int, groups: list[tuple[str, int]], ledger: _Ledger,
     if ledger.order:
         best = max(ledger.order, key=lambda d: (ledger.left(d), -ledger.order.index(d)))
         no_room = (f"no GPU has room for {fmt_bytes(ledger.cost(best, nbytes))} "
-                   f"(most: {fmt_bytes(max(0, ledger.left(best)))} on {best})")
+                   f"(most: {fmt_bytes(max(0, ledger.left(best)))} on {best}{ledger.after_reserve()})")
     elif ledger.lost:
         no_room = "every GPU is lost"
     else:

@@ -273,3 +273,15 @@ def test_output_is_deterministic_and_in_input_order() -> None:
     b = plan(gpus, HOST, list(models), Policy())
     assert a == b and list(a) == [m.name for m in models]
     assert plan(gpus, HOST, list(reversed(models)), Policy()) == a
+
+
+def test_a_reserve_that_leaves_no_room_is_named_in_the_reason() -> None:
+    # A 1 GiB simulated GPU with the default 1 GiB reserve holds nothing: the reason must say
+    # that the reserve is why, not only "most: 0 B on cuda:0".
+    policy = Policy(max_fraction=1.0, overhead=0.0, reserve=1 * G)
+    p = one([gpu(0, 1)], ModelDemand("m", 1 << 20), policy)
+    assert p.kind == "cpu"
+    assert "after the 1.0 GiB reserve (devices.reserve_mib)" in p.reason, p.reason
+    p = one([gpu(0, 1)], ModelDemand("m", 1 << 20, preferred=("cuda:0",)), policy)
+    assert "reserve (devices.reserve_mib)" in p.reason, p.reason
+    assert "reserve" not in one([gpu(0, 1)], ModelDemand("m", 2 * G)).reason
