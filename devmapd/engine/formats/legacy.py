@@ -11,7 +11,7 @@ import struct
 
 from devmapd.engine import diagnose
 
-from .common import OpenedFile, Parsed, element_size
+from .common import OpenedFile, Parsed
 from .pickles import StorageCollector, load_pickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -54,7 +54,9 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
             if len(raw) != 8:
                 raise diagnose.truncated(path)
             (count,) = struct.unpack("<q", raw)
-            if count * element_size(rec.dtype) != rec.nbytes:
+            # counted in the SAVED element size (uint8 for an untyped storage), not in the dtype
+            # its tensors view it as
+            if count * collector.saved_itemsize[rec.key] != rec.nbytes:
                 raise diagnose.corrupt(path, f"storage {rec.key} declares {rec.nbytes} bytes in the pickle "
                                              f"but {count} elements in the data")
             rec.offset = pos + 8

@@ -3,7 +3,19 @@
 We reuse torch's own weights-only unpickler (``torch._weights_only_unpickler.Unpickler``): it is the
 code that ``torch.load(weights_only=True)`` trusts, so our safety is exactly torch's. Only its
 ``persistent_load`` is ours: it hands out meta storages (no data read, no memory allocated, any
-declared size) and records each storage's key, dtype, location tag and size.
+declared size) and records each storage's key, saved dtype, location tag and size.
+
+What a tensor IS (dtype, shape, stride, storage offset) is decided by its rebuild call, not by its
+storage record: torch.save writes float8, uint16/32/64, bits and float4 tensors on an *untyped*
+(uint8) storage and passes the real dtype to ``_rebuild_tensor_v3``. And the meta device is no
+judge of a view: ``set_`` there turns a negative stride positive and grows the storage to fit any
+offset. So while the object pickle is unpickled, a dispatch mode (thread-local, like torch's own
+modes) sees every ``aten::set_`` at the moment a tensor is put on one of our storages, with the
+raw offset, sizes and strides from the file. It refuses what torch.load would refuse (a negative
+stride, a view reaching outside its storage: ``corrupt``) and what devmapd cannot serve
+(quantized tensors; one storage viewed as two dtypes: ``unsupported_format``), and it gives each
+storage record the dtype its tensors view it as, so serving and the per-dtype byte counts of
+inspection use the tensor's dtype.
 """
 from __future__ import annotations
 
@@ -12,15 +24,20 @@ import pickle
 import pickletools
 import struct
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch._weights_only_unpickler as _wo
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from devmapd.engine import diagnose
 
 from .common import StorageRec, element_size, meta_storage
+
+# torch.dtype has no is_quantized; these are the dtypes of quantized tensors (torch.ao)
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 
 
 class StorageCollector:
@@ -32,6 +49,9 @@ class StorageCollector:
         self.legacy = legacy
         self.records: dict[str, StorageRec] = {}
         self._typed: dict[str, torch.storage.TypedStorage] = {}
+        self.saved_itemsize: dict[str, int] = {}   # element size the file counts the storage in
+        self._by_cdata: dict[int, StorageRec] = {}
+        self._viewed: set[str] = set()             # keys whose dtype a tensor view has fixed
 
     def __call__(self, saved_id: Any) -> torch.storage.TypedStorage:
         if not isinstance(saved_id, tuple) or not saved_id:
@@ -70,12 +90,126 @@ class StorageCollector:
             nbytes = numel * element_size(dtype)
             typed = meta_storage(nbytes, dtype)
             self._typed[key] = typed
-            self.records[key] = StorageRec(key=key, dtype=dtype, location=location, nbytes=nbytes,
-                                           meta=typed._untyped_storage)
+            rec = StorageRec(key=key, dtype=dtype, location=location, nbytes=nbytes,
+                             meta=typed._untyped_storage)
+            self.records[key] = rec
+            self.saved_itemsize[key] = element_size(dtype)
+            self._by_cdata[typed._untyped_storage._cdata] = rec
         elif typed.dtype != dtype:
             # torch.save itself refuses this; only a crafted file can ask for it.
             raise diagnose.corrupt(self.path, f"storage {key} is used with two dtypes")
         return typed
+
+    # ------------------------------------------------------------------ tensor views
+    def check_set(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """Judge one ``aten::set_`` call before it runs (see the module docstring)."""
+        self_t = args[0]
+        source = args[1] if len(args) > 1 else kwargs.get("source")
+        if source is None:
+            return                                  # set_() with no source: an empty tensor
+        storage = source.untyped_storage() if isinstance(source, torch.Tensor) else source
+        rec = self._by_cdata.get(getattr(storage, "_cdata", None))
+        if rec is None:
+            return   # not a saved storage: the engine refuses such a tensor when it walks the tree
+        dtype = self_t.dtype
+        if dtype in _QUANTIZED or (isinstance(source, torch.Tensor) and source.is_quantized):
+            raise quantized(self.path, dtype)
+        itemsize = element_size(dtype)
+        overload = func._overloadname
+        if overload == "source_Storage":            # the whole storage as a 1-d tensor
+            offset, size, stride = 0, [rec.nbytes // itemsize], [1]
+        elif overload == "source_Tensor":           # the source's own view, already judged
+            offset, size, stride = source.storage_offset(), list(source.shape), list(source.stride())
+        else:                                       # source_{Storage,Tensor}_storage_offset
+            offset = args[2] if len(args) > 2 else kwargs.get("storage_offset")
+            size = args[3] if len(args) > 3 else kwargs.get("size")
+            stride = args[4] if len(args) > 4 else kwargs.get("stride", [])
+        check_view(self.path, rec, dtype, offset, size, stride)
+        if rec.key not in self._viewed:
+            if rec.nbytes % itemsize:
+                raise diagnose.unsupported(
+                    self.path, f"a checkpoint whose {rec.nbytes}-byte storage {rec.key} is viewed as "
+                               f"{_dtype_name(dtype)}, which is not a whole number of its elements",
+                    "save a copy of that tensor (tensor.clone()) instead of the view")
+            rec.dtype = dtype
+            self._viewed.add(rec.key)
+        elif rec.dtype != dtype:
+            raise diagnose.unsupported(
+                self.path, f"a checkpoint whose storage {rec.key} is viewed as both "
+                           f"{_dtype_name(rec.dtype)} and {_dtype_name(dtype)}",
+                "save each of those tensors as its own copy (tensor.clone()) before torch.save")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantized(path: str, dtype: torch.dtype | None = None) -> diagnose.CheckpointError:
+    what = f" ({_dtype_name(dtype)})" if dtype in _QUANTIZED else ""
+    return diagnose.unsupported(
+        path, f"a checkpoint with quantized tensors{what}, which devmapd does not serve",
+        "save the dequantized weights (tensor.dequantize()) with torch.save, or load this file "
+        "with torch.load(weights_only=True)")
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def check_view(path: str, rec: StorageRec, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> None:
+    """Refuse a view torch.load would refuse: bad numbers, negative strides, bytes outside the storage."""
+    key = rec.key
+    if not isinstance(size, (list, tuple)) or not isinstance(stride, (list, tuple)):
+        raise diagnose.corrupt(path, f"a tensor on storage {key} has a malformed shape or stride")
+    if not stride and size:                         # set_'s default: C-contiguous
+        acc, out = 1, []
+        for n in reversed(size):
+            out.append(acc)
+            acc *= n if type(n) is int else 1
+        stride = out[::-1]
+    if len(stride) != len(size):
+        raise diagnose.corrupt(path, f"a tensor on storage {key} has {len(size)} dimensions but "
+                                     f"{len(stride)} strides")
+    for what, values in (("storage offset", (offset,)), ("size", size), ("stride", stride)):
+        for v in values:
+            if type(v) is not int or not 0 <= v <= _INT64_MAX:
+                if type(v) is int and v < 0:
+                    raise diagnose.corrupt(path, f"a tensor on storage {key} has a negative {what} "
+                                                 f"({v}), which torch.load refuses too")
+                raise diagnose.corrupt(path, f"a tensor on storage {key} has an invalid {what} {v!r:.40}")
+    numel = 1
+    for n in size:
+        numel *= n
+    if numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if (last + 1) * element_size(dtype) > rec.nbytes:
+            raise diagnose.corrupt(path, f"a tensor on storage {key} reaches byte "
+                                         f"{(last + 1) * element_size(dtype)} of a {rec.nbytes}-byte "
+                                         "storage, which torch.load refuses too")
+
+
+_aten = torch.ops.aten
+_STRIDED_VIEWS = (_aten.as_strided, _aten.as_strided_, _aten.as_strided_scatter)
+
+
+class _TensorWatch(TorchDispatchMode):
+    """Sees every aten call the unpickler makes while this thread unpickles one object pickle."""
+
+    def __init__(self, collector: StorageCollector):
+        super().__init__()
+        self.collector = collector
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet is _aten.set_:
+            self.collector.check_set(func, args, kwargs)
+        elif "quantized" in func.name():   # _empty_affine_quantized and friends (_rebuild_qtensor)
+            raise quantized(self.collector.path, kwargs.get("dtype"))
+        elif packet in _STRIDED_VIEWS:
+            stride = args[2] if len(args) > 2 else kwargs.get("stride", ())
+            if any(type(s) is int and s < 0 for s in stride):
+                raise diagnose.corrupt(self.collector.path, "a tensor view with a negative stride")
+        return func(*args, **kwargs)
 
 
 def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
@@ -85,8 +219,11 @@ def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
     unpickler = _wo.Unpickler(stream, encoding="utf-8")
     if persistent_load is not None:
         unpickler.persistent_load = persistent_load
+    # Only the object pickle (the one with storages) builds tensors worth watching.
+    watch = _TensorWatch(persistent_load) if isinstance(persistent_load, StorageCollector) else nullcontext()
     try:
-        return unpickler.load()
+        with watch:
+            return unpickler.load()
     except diagnose.CheckpointError:
         raise
     except (EOFError, struct.error) as e:
