@@ -182,9 +182,9 @@ def check_view(path: str, rec: StorageRec, dtype: torch.dtype, offset: Any, size
     if numel:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if (last + 1) * element_size(dtype) > rec.nbytes:
-            raise diagnose.corrupt(path, f"a tensor on storage {key} reaches byte "
-                                         f"{(last + 1) * element_size(dtype)} of a {rec.nbytes}-byte "
-                                         "storage, which torch.load refuses too")
+            raise diagnose.corrupt(path, f"a tensor on storage {key} reaches past the end of its storage "
+                                         f"(byte {(last + 1) * element_size(dtype)} of {rec.nbytes}), "
+                                         "which torch.load refuses too")
 
 
 _aten = torch.ops.aten
