@@ -100,18 +100,25 @@ _CODE_RUNNERS = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "sock
                  "builtins.getattr", "builtins.__import__", "builtins.open", "webbrowser.", "code.")
 
 
-def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | None = None) -> CheckpointError:
+def pickled_module(path, names: str, detail: str | None = None) -> CheckpointError:
+    """torch.save(model): a format choice, not an attack, so ``unsupported_format`` with the fix."""
+    return unsupported(path, f"a whole pickled model object ({names}, written by torch.save(model)), not "
+                             "just its weights, which weights-only loading cannot rebuild",
+                       "save its state_dict instead: torch.save(model.state_dict(), path)", detail)
+
+
+def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | None = None, *,
+                  whole_module: bool = False) -> CheckpointError:
+    """A refused global. ``whole_module``: the pickle itself shows nn.Module state (the caller
+    parsed its opcodes); without it, the names alone decide."""
     names = ", ".join(offending) if offending else "an unknown callable"
     if not offending or any(n.startswith(_CODE_RUNNERS) for n in offending):
         return error("unsafe_pickle",
                      f"{_name(path)} would call {names} when unpickled, i.e. run code, so devmapd refused it; "
                      "do not load it with weights_only=False — get the weights from a trusted source and "
                      "re-save only the tensors (model.state_dict()).", detail)
-    if any(n.startswith(("torch.nn.modules.", "__main__.")) for n in offending):
-        return error("unsafe_pickle",
-                     f"{_name(path)} holds a whole pickled model object ({names}), not just its weights, "
-                     "which weights-only loading refuses; re-save it with torch.save(model.state_dict(), path).",
-                     detail)
+    if whole_module or any(n.startswith(("torch.nn.modules.", "__main__.")) for n in offending):
+        return pickled_module(path, names, detail)
     return error("unsafe_pickle",
                  f"{_name(path)} refers to {names}, which weights-only loading does not allow; if you trust "
                  f"the file, add {names} to checkpoint.allowed_globals in the config, otherwise re-save "

@@ -320,12 +320,29 @@ def test_malicious_pickle_variants(tmp_path, how):
     assert not marker.exists()
 
 
-def test_whole_pickled_module_says_save_the_state_dict(tmp_path):
+class _OwnModule(torch.nn.Module):
+    """A model class outside torch.nn and __main__: only the pickled state shows it is a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+
+@pytest.mark.parametrize("model", [torch.nn.Linear(2, 2), _OwnModule()], ids=["torch-nn", "own-class"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_whole_pickled_module_is_unsupported_and_says_save_the_state_dict(tmp_path, model, legacy):
+    """README: a pickled nn.Module is unsupported_format with "save its state_dict"."""
     p = tmp_path / "whole.pt"
-    torch.save(torch.nn.Linear(2, 2), p)
-    d = read_error(p)
-    assert d.code == "unsafe_pickle" and "torch.nn.modules.linear.Linear" in d.message
-    assert "state_dict()" in d.message
+    torch.save(model, p, _use_new_zipfile_serialization=not legacy)
+    for d in (read_error(p), inspect(p).diagnosis):
+        assert d.code == "unsupported_format", d
+        assert type(model).__name__ in d.message and "save its state_dict" in d.message, d
+        assert "torch.save(model.state_dict(), path)" in d.message
+    # the same file through a plain torch.load (the client's fallback) reads the same
+    with pytest.raises(Exception) as ei:
+        torch.load(p, weights_only=True)
+    if isinstance(model, torch.nn.Linear):
+        assert diagnose_exception(ei.value, p).code == "unsupported_format"
 
 
 def test_no_fd_leaks(sample_paths):

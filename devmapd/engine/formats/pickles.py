@@ -233,7 +233,8 @@ def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
         text = f"{type(e).__name__}: {e}"
         refused = refused_globals(stream, start)
         if refused or "GLOBAL" in str(e) or "unrecognized function" in str(e):
-            raise diagnose.unsafe_pickle(path, refused or diagnose.offending_globals_in(str(e)), text) from None
+            raise diagnose.unsafe_pickle(path, refused or diagnose.offending_globals_in(str(e)), text,
+                                         whole_module=pickles_module_state(stream, start)) from None
         raise diagnose.corrupt(path, f"unreadable pickle ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
 
 
@@ -261,6 +262,28 @@ def globals_in(stream, start: int) -> list[str]:
     except Exception:   # a broken pickle: keep what we found before the damage
         pass
     return found
+
+
+# Every nn.Module's __dict__ holds these; a pickle that names a refused class AND carries them
+# is torch.save(model), whatever module the class lives in.
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def pickles_module_state(stream, start: int) -> bool:
+    """Whether the pickle's strings include nn.Module's own attribute names (opcodes only)."""
+    seen: set[str] = set()
+    stream.seek(start)
+    try:
+        for op, arg, _pos in pickletools.genops(stream):
+            if isinstance(arg, str) and arg in _MODULE_STATE:
+                seen.add(arg)
+                if seen == _MODULE_STATE:
+                    return True
+            if op.name == "STOP":
+                break
+    except Exception:   # a broken pickle: judge by what came before the damage
+        pass
+    return seen == _MODULE_STATE
 
 
 def refused_globals(stream, start: int) -> list[str]:
