@@ -49,6 +49,10 @@ class Env:
         for name, nbytes, count in (("big", p.big_bytes, p.big_tensors), ("small", p.small_bytes, p.small_tensors)):
             samples.big(self.models, nbytes, count, name=f"{name}.pt")
             samples.big(self.peers, nbytes, count, name=f"{name}.safetensors", fmt="safetensors")
+        from benchmarks import ready
+        ready.write_tf(self.models / "tf.pt", self.peers / "tf.safetensors",
+                       p.tf_layers, p.tf_hidden, p.tf_vocab)
+        ready.write_hf(self.base / "hfserve" / "minilm", p.hf_hidden, p.hf_layers, p.hf_vocab)
         # N processes each holding a private copy (the torch.load side) must fit in memory with
         # room to spare on a shared machine: shrink the model they hold if it would not.
         room = mem_available() // (p.pss_clients + 4)

@@ -1,23 +1,23 @@
 """The code that runs inside fresh measured processes (forked from the forkserver).
 
-Module-level functions only (they are pickled by name). Imports here are exactly what a user's
-script has done before its first load: torch, numpy, safetensors.torch and the ``devmapd`` package
-(whose client module is itself imported lazily, on the first ``devmapd.load``, inside the timed
-region as for a user).
+Module-level functions only (they are pickled by name). The forkserver has imported torch,
+numpy and safetensors.torch, what a user's script has done before its first load; it has NOT
+imported ``devmapd``: a devmapd measurement starts its clock before ``import devmapd``, so the
+client's import is paid inside the timed region, as a user pays it. This module therefore
+imports devmapd only inside the functions that use it.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import resource
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
-
-import devmapd
 
 try:
     from numpy._core.multiarray import _set_madvise_hugepage
@@ -29,16 +29,8 @@ METHODS = ("devmapd", "torch.load", "torch.load(mmap)", "safetensors")
 
 def _load(method: str, path: str, name: str, socket: str) -> Any:
     if method == "devmapd":
+        import devmapd
         return devmapd.load(name, socket=socket)
-    if method == "devmapd(gc paused)":
-        # Diagnostic only (not a peer): the same call with Python's cyclic GC paused around it,
-        # to show what a GC pause over the whole client fetch path would be worth.
-        import gc
-        gc.disable()
-        try:
-            return devmapd.load(name, socket=socket)
-        finally:
-            gc.enable()
     if method == "torch.load":
         return torch.load(path, weights_only=True)
     if method == "torch.load(mmap)":
@@ -57,25 +49,27 @@ def _touch(sd: dict[str, torch.Tensor]) -> tuple[float, int]:
     return total, nbytes
 
 
-def _import_client() -> float:
-    """Import what ``import devmapd`` defers (the client, the arena code); returns the seconds.
-
-    torch.load's code is imported with torch; devmapd's client is imported lazily on first use
-    (so the CLI starts fast). Importing it before the clock starts compares like with like; its
-    one-off cost per process is reported separately."""
-    t0 = time.perf_counter()
+def _import_client() -> None:
+    """Import what a devmapd fetch needs (``holders`` count it as code, not model)."""
     import devmapd.client  # noqa: F401
     import devmapd.engine.arena  # noqa: F401
-    return time.perf_counter() - t0
 
 
 def fetch_once(method: str, path: str, name: str, socket: str, touch: bool = True) -> dict[str, Any]:
     """One user process: load once, then read every byte. Times from the call, not from exec.
 
-    Also counts the minor page faults taken while reading (how many times the kernel had to
-    map pages of the model into this process)."""
-    import_s = _import_client() if method.startswith("devmapd") else 0.0
+    For devmapd the clock starts before ``import devmapd`` (asserted: the forkserver must not
+    have imported it); ``import_s`` is the part of it the import took. Also counts the minor
+    page faults taken while reading (how many times the kernel had to map pages of the model
+    into this process)."""
+    if method == "devmapd" and any(m == "devmapd" or m.startswith("devmapd.") for m in sys.modules):
+        raise RuntimeError("devmapd was imported before the clock started; the forkserver must not preload it")
     t0 = time.perf_counter()
+    import_s = 0.0
+    if method == "devmapd":
+        import devmapd
+        import devmapd.client  # noqa: F401  (what devmapd.load imports on first use)
+        import_s = time.perf_counter() - t0
     sd = _load(method, path, name, socket)
     t1 = time.perf_counter()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -85,10 +79,11 @@ def fetch_once(method: str, path: str, name: str, socket: str, touch: bool = Tru
     out = {"method": method, "tensors_s": t1 - t0, "touch_s": t2 - t0, "n": len(sd), "bytes": nbytes,
            "checksum": checksum, "import_s": import_s, "touch_faults": faults}
     if method == "devmapd":
-        # For the analysis only: a second load in the same process (connection open, modules imported).
+        # A repeat fetch of the unchanged model in the same process (the first one still held).
         t3 = time.perf_counter()
-        devmapd.load(name, socket=socket)
+        again = devmapd.load(name, socket=socket)
         out["second_call_s"] = time.perf_counter() - t3
+        del again
     return out
 
 

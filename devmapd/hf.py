@@ -118,16 +118,16 @@ def from_pretrained(name: str, *, model_class: Any = None, socket: str | None = 
     loaded = {id(model.get_parameter_or_buffer(k)) for k in sd}
     missing = sorted(k for k in expected - set(sd)
                      if id(model.get_parameter_or_buffer(k)) not in loaded)
+    if unexpected:
+        warnings.warn(f"devmapd model {shown}: {len(unexpected)} served tensor(s) not used by "
+                      f"{cls.__name__} (e.g. {unexpected[0]}); a head the class lacks",
+                      UserWarning, stacklevel=2)
     if missing:
         shown_keys = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise assign.AssignError(
             f"devmapd model {shown} has no weights for {len(missing)} tensor(s) of "
             f"{cls.__name__}: {shown_keys}. Pass the model_class the checkpoint was saved from "
             f"(config.json says {config_dict.get('architectures')!r})")
-    if unexpected:
-        warnings.warn(f"devmapd model {shown}: {len(unexpected)} served tensor(s) not used by "
-                      f"{cls.__name__} (e.g. {unexpected[0]}); a head the class lacks",
-                      UserWarning, stacklevel=2)
     gen = files.get("generation_config.json")
     if isinstance(gen, dict) and getattr(model, "generation_config", None) is not None:
         model.generation_config = tf.GenerationConfig.from_dict(dict(gen))
