@@ -84,6 +84,16 @@ def socket_label(socket: str | None) -> str:
         return "default socket"
 
 
+class MainArea(Vertical):
+    """Everything between header and footer. A terminal resize reaches the screen and its
+    widgets (not the App's own handlers each time), so this is where the app hears of one."""
+
+    def on_resize(self, event: events.Resize) -> None:
+        app = self.app
+        if isinstance(app, DevmapdApp):
+            app._apply_layout()
+
+
 class DevmapdApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "devmapd"
@@ -131,6 +141,7 @@ class DevmapdApp(App[int]):
         self._flush_scheduled = False
         self._details: dict[str, dict[str, Any]] = {}
         self._detail_for: str | None = None
+        self._shown_detail_for: str | None = None
         self._last_move: dict[str, tuple[Any, float]] = {}
         self._problems_seen: dict[str, str] = {}
         self._bottom_pref = "auto"          # "auto" | "shown" | "hidden": the `d` key
@@ -143,7 +154,7 @@ class DevmapdApp(App[int]):
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.state, id="header")
         yield Static("", id="banner")
-        with Vertical(id="main"):
+        with MainArea(id="main"):
             yield DevicePanel(self.state, id="devices")
             yield Input(placeholder="filter: name, state, dtype or device — Enter keeps it, Esc clears",
                         id="filter")
@@ -161,7 +172,7 @@ class DevmapdApp(App[int]):
         self._devices_panel = self.query_one(DevicePanel)
         self._event_log = self.query_one(EventLog)
         self._detail = self.query_one(DetailPane)
-        self._main = self.query_one("#main", Vertical)
+        self._main = self.query_one("#main", MainArea)
         self._banner = self.query_one("#banner", Static)
         self._filter_box = self.query_one("#filter", Input)
         self._bottom = self.query_one("#bottom", Horizontal)
@@ -205,9 +216,6 @@ class DevmapdApp(App[int]):
         if self.pump is not None:
             self.pump.stop()
         self.requests.close()
-
-    def on_resize(self, event: events.Resize) -> None:
-        self._apply_layout()
 
     def _apply_layout(self, force: bool = False) -> None:
         """Fit the panels to the terminal (models.plan_layout): legend, device rows and
@@ -462,6 +470,8 @@ class DevmapdApp(App[int]):
         name = record.get("name") if record else None
         self._detail_for = name
         detail = self._details.get(name) if name else None
+        # Which model's fetched detail is on screen (tests and snapshots wait on it).
+        self._shown_detail_for = name if detail is not None else None
         self._detail.update(
             detail_renderable(record, detail, self.clock(), self._actions_note()))
         if name and detail is None and self.connected:

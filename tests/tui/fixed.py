@@ -25,6 +25,13 @@ def _gpu(i: int, name: str, uuid: str, total: int, used_others: int, held: int,
             "utilization": util, "held": held, "reserve": 1 * GIB, "kind": "gpu", "processes": []}
 
 
+def model_record(name: str, state: str = "ready", **extra: Any) -> dict[str, Any]:
+    """A fixed model record (for tests that add their own models to the frozen status)."""
+    placement = extra.pop("placement", {"cpu": 4 * MIB})
+    dtypes = extra.pop("dtypes", {"float32": 4 * MIB})
+    return _model(name, state, placement, dtypes, **extra)
+
+
 def _model(name: str, state: str, placement: dict[str, int], dtypes: dict[str, int],
            **extra: Any) -> dict[str, Any]:
     rec = {"name": name, "path": f"/srv/models/{name}.pt", "format": "torch-zip", "state": state,
@@ -73,8 +80,16 @@ def fixed_status() -> dict[str, Any]:
     return {"daemon": {"version": "0.1.0", "pid": 4242, "host": "lab-gpu-01",
                        "socket": "/run/devmapd/devmapd.sock", "backend": "simulated",
                        "model_dir": "/srv/models", "started_at": STARTED,
-                       "uptime_s": NOW - STARTED, "warning": None},
+                       "uptime_s": NOW - STARTED, "warning": None, "problems": dict(FIXED_PROBLEMS),
+                       "pending": {}},
             "devices": devices, "models": models}
+
+
+# What the daemon reports in daemon.problems for a name clash and a FIFO (devmapd/daemon/names.py).
+FIXED_PROBLEMS = {
+    "st.pt": "same model name 'st' as st.safetensors; st.safetensors is used — rename or remove one of them",
+    "incoming/pipe.pt": "refused: a FIFO (named pipe), not a regular file",
+}
 
 
 FIXED_EVENTS = [
@@ -92,9 +107,15 @@ class FixedClient:
     """Answers like devmapd.client.Client from frozen data; events() replays FIXED_EVENTS and
     then blocks until closed (as a quiet daemon would)."""
 
-    def __init__(self, *, operator: bool = True, unreachable: bool = False) -> None:
+    def __init__(self, *, operator: bool = True, unreachable: bool = False,
+                 extra_models: list[dict[str, Any]] | None = None,
+                 extra_events: list[dict[str, Any]] | None = None,
+                 problems: dict[str, str] | None = None) -> None:
         self.operator = operator
         self.unreachable = unreachable
+        self.extra_models = extra_models or []
+        self.extra_events = extra_events or []
+        self.problems = problems
         self._closed = threading.Event()
         self.calls: list[tuple] = []
 
@@ -112,11 +133,15 @@ class FixedClient:
 
     def status(self) -> dict:
         self._check()
-        return fixed_status()
+        status = fixed_status()
+        status["models"].extend(copy.deepcopy(self.extra_models))
+        if self.problems is not None:
+            status["daemon"]["problems"] = dict(self.problems)
+        return status
 
     def model(self, name: str) -> dict:
         self._check()
-        rec = next(m for m in fixed_status()["models"] if m["name"] == name)
+        rec = next(m for m in self.status()["models"] if m["name"] == name)
         insp = {"path": rec["path"], "format": rec["format"], "tensors": rec["tensors"],
                 "bytes": rec["bytes"], "dtypes": rec["dtypes"], "locations": rec["locations"],
                 "prefixes": rec["prefixes"], "containers": [""],
@@ -147,7 +172,7 @@ class FixedClient:
 
     def events(self, *, reconnect: bool = True) -> Iterator[dict]:
         self._check()
-        yield from copy.deepcopy(FIXED_EVENTS)
+        yield from copy.deepcopy(FIXED_EVENTS + self.extra_events)
         self._closed.wait()
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ def require_serve() -> None:
         pytest.skip("`python -m devmapd serve` is not available yet (devmapd/cli.py serve)")
 
 
-def wait_answering(handle: DaemonHandle, timeout: float = 45.0) -> None:
+def wait_answering(handle: DaemonHandle, timeout: float = 120.0) -> None:
     """The harness waits for the socket too; this one also tolerates 'no socket yet'."""
     from devmapd.client import DaemonUnavailable
 
@@ -80,7 +80,13 @@ def DEFAULT_GPUS() -> list[dict[str, Any]]:
     return [sim_gpu(0, 1024, 100), sim_gpu(1, 512, 50)]
 
 
-async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 20.0,
+# One overall deadline for "the app got there", generous so that a loaded machine (the suite runs
+# across the cores with pytest-xdist, beside other work) is slow rather than failing; a passing
+# run never waits for it, since each poll returns as soon as the condition holds.
+DEADLINE_S = 120.0
+
+
+async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = DEADLINE_S,
                      what: str = "") -> Any:
     """Let the app run until `predicate()` is truthy (the daemon answers asynchronously)."""
     deadline = time.monotonic() + timeout
@@ -91,6 +97,30 @@ async def wait_until(pilot: Any, predicate: Callable[[], Any], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await pilot.pause(0.05)
+
+
+async def settle(pilot: Any) -> None:
+    """Until the app has drawn what it was told: animations and scheduled refreshes done and the
+    message queue drained (no clock involved)."""
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+
+
+def screen_text(app: Any) -> str:
+    """The screen as the terminal would show it, as plain text (what an operator reads)."""
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True,
+                      color_system=None, legacy_windows=False, safe_box=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return console.export_text()
+
+
+def screen_raw(app: Any) -> str:
+    """Every character the compositor would send, before any escaping by an exporter: a raw
+    control character here would reach the operator's terminal."""
+    update = app.screen._compositor.render_update(full=True, screen_stack=app._background_screens)
+    console = Console(width=app.size[0], file=io.StringIO(), color_system=None)
+    return "".join(segment.text for segment in console.render(update) if not segment.control)
 
 
 def text_of(renderable: Any, width: int = 160) -> str:

@@ -22,7 +22,7 @@ def plain(renderable) -> str:
 async def probe(socket: str) -> dict:
     app = DevmapdApp(socket)
     async with app.run_test(size=(120, 40)) as pilot:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120      # generous: a loaded machine is slow, not wrong
         while not (app.connected and app.state.models and app._table.selected_name):
             if time.monotonic() > deadline:
                 return {"error": f"not connected: {app.last_error}"}
@@ -30,7 +30,9 @@ async def probe(socket: str) -> dict:
         selected = app._table.selected_name
         checks = {a: app.check_action(a, ()) for a in ("remap", "pin", "evict", "reload", "help")}
         await pilot.press("e", "m", "p", "r")
-        await pilot.pause(0.5)
+        # Each press has been processed when press() returns; let any screen they pushed draw.
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
         return {"operator": app.operator, "uid": app.hello.get("uid"), "selected": selected,
                 "checks": checks, "modal_opened": app.screen.is_modal,
                 "header": plain(app._header.content), "detail": plain(app._detail.content),

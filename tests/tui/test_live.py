@@ -110,7 +110,9 @@ async def test_pin_unpin_evict_and_reload_with_confirmation(shared_daemon):
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="confirm")
         await pilot.press("n")
         await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmDialog))
-        await pilot.pause(0.3)
+        # "n" sends nothing: no action worker was started and the log records none.
+        assert not [w for w in app.workers if w.group == "actions"]
+        assert "evict big" not in log_text(app)
         assert (await in_thread(handle.model, "big"))["state"] == "ready"
 
         await pilot.press("e")
@@ -179,7 +181,7 @@ async def test_pressure_demotion_appears_in_the_log(shared_daemon):
         handle.set_gpus(gpus)
         try:
             await wait_until(pilot, lambda: home not in (record(app, "big").get("placement") or {home: 1}),
-                             what="big demoted off its GPU", timeout=20)
+                             what="big demoted off its GPU")
             await wait_until(pilot, lambda: "demoted" in log_text(app), what="a demotion in the log")
             # The squeezed GPU's bar now shows other processes filling it.
             devices = text_of(app.query_one(DevicePanel).content)
@@ -203,7 +205,7 @@ async def test_recovers_after_the_daemon_restarts(live_daemon):
 
         again = await in_thread(live_daemon, name="d2", models=False, socket=handle.socket,
                                 model_dir=handle.model_dir)
-        await wait_until(pilot, lambda: app.connected, what="reconnection", timeout=30)
+        await wait_until(pilot, lambda: app.connected, what="reconnection")
         assert not banner.has_class("visible")
         await in_thread(again.wait_model, "big")
         await wait_until(pilot, lambda: record(app, "big").get("state") == "ready")
@@ -237,3 +239,48 @@ async def test_non_operator_sees_actions_disabled_with_the_reason(shared_daemon)
     assert "remap/pin/evict/reload are disabled" in seen["log"]
     after = {m["name"]: (m["pinned"], m["state"]) for m in (await in_thread(handle.status))["models"]}
     assert after == before
+
+
+async def test_problems_and_reasons_from_a_real_daemon(live_daemon, tmp_path):
+    """A name clash (st.pt beside st.safetensors) and a FIFO named like a checkpoint: the daemon
+    serves neither as a second model and says why in status.daemon.problems; the dashboard shows
+    the count in the header, one log line each, the list under `w`, and each model's reason."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from devmapd_tui.dialogs import ProblemsScreen
+    from tests.tui.helpers import screen_text, settle
+
+    model_dir = tmp_path / "clash-models"
+    model_dir.mkdir()
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, model_dir / "st.pt")
+    save_file({"w": torch.ones(8)}, str(model_dir / "st.safetensors"))
+    os.mkfifo(model_dir / "pipe.pt")
+    handle = live_daemon(name="clash", models=False, model_dir=model_dir)
+    served = await in_thread(handle.wait_model, "st")
+    assert served["reason"], served
+    async with dashboard(handle, models=1) as (app, pilot):
+        await wait_until(pilot, lambda: len(app.state.daemon.get("problems") or {}) == 2,
+                         what="both problems in the dashboard's status")
+        problems = app.state.daemon["problems"]
+        clash = next(p for p in problems if p.startswith("st."))
+        assert "same model name 'st'" in problems[clash] and "FIFO" in problems["pipe.pt"]
+        await wait_until(pilot, lambda: "2 problems" in text_of(app.query_one(HeaderBar).content))
+        log = log_text(app)
+        assert f"problem   {clash}: same model name 'st'" in log, log
+        assert "problem   pipe.pt: refused: a FIFO" in log, log
+
+        await select(app, pilot, "st")
+        await wait_until(pilot, lambda: app._shown_detail_for == "st", what="st's detail")
+        reason = record(app, "st").get("reason")
+        detail = text_of(app.query_one(DetailPane).content)
+        assert reason and "why" in detail and reason[:30] in " ".join(detail.split()), detail
+
+        await pilot.press("w")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProblemsScreen), what="problems list")
+        await settle(pilot)
+        shown = screen_text(app)
+        assert clash in shown and "pipe.pt" in shown and "not a regular file" in shown, shown
+    assert sorted(p.name for p in model_dir.iterdir()) == ["pipe.pt", "st.pt", "st.safetensors"]

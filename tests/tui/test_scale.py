@@ -2,12 +2,13 @@
 
 The data path under test is the app's own (status -> table, event -> one row), so a generated
 status is fed through the injectable client factory; the live behaviour is in test_live.py.
+The test waits on state (rows present, the burst applied), never on a clock: a loaded machine
+makes it slower, not failing. How fast the table fills is measured in the benchmarks, not here.
 """
 from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,22 +70,16 @@ async def test_500_models_on_8_gpus_update_in_place():
     client = BurstClient()
     app = DevmapdApp("/tmp/none.sock", client_factory=lambda: client)
     async with app.run_test(size=(120, 40)) as pilot:
-        started = time.monotonic()
         table = app.query_one(ModelTable)
-        await wait_until(pilot, lambda: table.row_count == N_MODELS, what="500 rows", timeout=30)
-        first_fill = time.monotonic() - started
+        await wait_until(pilot, lambda: table.row_count == N_MODELS, what="500 rows")
 
         added: list[Any] = []
         original_add = table.add_row
         table.add_row = lambda *a, **k: (added.append(a), original_add(*a, **k))[1]  # type: ignore[method-assign]
         cursor_name = table.selected_name
-        started = time.monotonic()
         client.burst.set()
         await wait_until(pilot, lambda: all(m.get("state") == "loading" for m in app.state.models.values())
                          and "loading 50%" in str(table.get_row(cursor_name)[1]),
-                         what="the burst applied", timeout=30)
-        burst = time.monotonic() - started
+                         what="the burst applied")
         assert added == [], "rows must be updated in place, not re-added"
         assert table.row_count == N_MODELS and table.selected_name == cursor_name
-        # Generous bounds for a shared 2-core CI box; typical is well under a second each.
-        assert first_fill < 15 and burst < 15, (first_fill, burst)

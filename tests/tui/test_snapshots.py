@@ -1,5 +1,5 @@
-"""Snapshot tests (pytest-textual-snapshot) of the main screen, the remap dialog, the help
-screen and the unreachable state at 120x40.
+"""Snapshot tests (pytest-textual-snapshot) of the main screen at 80x24, 100x30 and 120x40, the
+remap dialog and the help screen at 80x24 and 120x40, and the unreachable and read-only states.
 
 These feed the app a FROZEN status (tests/tui/fixed.py) through its injectable client factory and
 clock, so the SVGs do not change with time, host or memory. Behaviour is tested against a real
@@ -11,13 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from devmapd_tui.app import DevmapdApp
 from devmapd_tui.dialogs import RemapDialog
 from devmapd_tui.help import HelpScreen
 from tests.tui.fixed import FIXED_EVENTS, NOW, FixedClient
-from tests.tui.helpers import wait_until
+from tests.tui.helpers import settle, wait_until
 
 SIZE = (120, 40)
+SIZES = {"80x24": (80, 24), "100x30": (100, 30), "120x40": (120, 40)}
 
 
 def utc(ts: float) -> str:
@@ -34,39 +37,47 @@ async def settled(pilot: Any) -> None:
     app = pilot.app
     await wait_until(pilot, lambda: app.connected and len(app._event_log.plain_lines) >= 1 + len(FIXED_EVENTS))
     await wait_until(pilot, lambda: app._table.selected_name in app._details, what="detail fetched")
-    await pilot.pause(0.1)
+    await wait_until(pilot, lambda: app._shown_detail_for == app._table.selected_name,
+                     what="the fetched detail drawn")
+    await settle(pilot)
 
 
-def test_main_screen(snap_compare):
-    assert snap_compare(frozen_app(), terminal_size=SIZE, run_before=settled)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_main_screen(snap_compare, size):
+    assert snap_compare(frozen_app(), terminal_size=SIZES[size], run_before=settled)
 
 
-def test_remap_dialog(snap_compare):
-    async def open_remap(pilot: Any) -> None:
-        await settled(pilot)
-        await pilot.press("down", "down")          # llama-7b-chat: pinned, on cuda:0
-        await wait_until(pilot, lambda: pilot.app._table.selected_name in pilot.app._details)
-        await pilot.press("m")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, RemapDialog))
-        await pilot.pause(0.1)
-
-    assert snap_compare(frozen_app(), terminal_size=SIZE, run_before=open_remap)
+async def open_remap(pilot: Any) -> None:
+    await settled(pilot)
+    await pilot.press("down", "down")          # llama-7b-chat: pinned, on cuda:0
+    await wait_until(pilot, lambda: pilot.app._table.selected_name == "llama-7b-chat")
+    await wait_until(pilot, lambda: pilot.app._shown_detail_for == "llama-7b-chat")
+    await pilot.press("m")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, RemapDialog))
+    await settle(pilot)
 
 
-def test_help_screen(snap_compare):
-    async def open_help(pilot: Any) -> None:
-        await settled(pilot)
-        await pilot.press("question_mark")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
-        await pilot.pause(0.1)
+async def open_help(pilot: Any) -> None:
+    await settled(pilot)
+    await pilot.press("question_mark")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
+    await settle(pilot)
 
-    assert snap_compare(frozen_app(), terminal_size=SIZE, run_before=open_help)
+
+@pytest.mark.parametrize("size", ["80x24", "120x40"])
+def test_remap_dialog(snap_compare, size):
+    assert snap_compare(frozen_app(), terminal_size=SIZES[size], run_before=open_remap)
+
+
+@pytest.mark.parametrize("size", ["80x24", "120x40"])
+def test_help_screen(snap_compare, size):
+    assert snap_compare(frozen_app(), terminal_size=SIZES[size], run_before=open_help)
 
 
 def test_unreachable_state(snap_compare):
     async def down(pilot: Any) -> None:
         await wait_until(pilot, lambda: pilot.app.last_error is not None, what="first failed attempt")
-        await pilot.pause(0.1)
+        await settle(pilot)
 
     assert snap_compare(frozen_app(unreachable=True), terminal_size=SIZE, run_before=down)
 
