@@ -114,7 +114,7 @@ class StorageCollector:
         dtype = self_t.dtype
         if dtype in _QUANTIZED or (isinstance(source, torch.Tensor) and source.is_quantized):
             raise quantized(self.path, dtype)
-        itemsize = element_size(dtype)
+        itemsize = dtype.itemsize   # torch._utils._element_size has no size for the bits dtypes
         overload = func._overloadname
         if overload == "source_Storage":            # the whole storage as a 1-d tensor
             offset, size, stride = 0, [rec.nbytes // itemsize], [1]
@@ -181,9 +181,9 @@ def check_view(path: str, rec: StorageRec, dtype: torch.dtype, offset: Any, size
         numel *= n
     if numel:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if (last + 1) * element_size(dtype) > rec.nbytes:
+        if (last + 1) * dtype.itemsize > rec.nbytes:
             raise diagnose.corrupt(path, f"a tensor on storage {key} reaches past the end of its storage "
-                                         f"(byte {(last + 1) * element_size(dtype)} of {rec.nbytes}), "
+                                         f"(byte {(last + 1) * dtype.itemsize} of {rec.nbytes}), "
                                          "which torch.load refuses too")
 
 
@@ -197,6 +197,12 @@ class _TensorWatch(TorchDispatchMode):
     def __init__(self, collector: StorageCollector):
         super().__init__()
         self.collector = collector
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch would wrap __torch_dispatch__ in torch._dynamo.disable, importing all of dynamo
+        # (~1 s, tens of MiB) on the first checkpoint; nothing is ever compiled under this mode.
+        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
