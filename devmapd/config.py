@@ -83,6 +83,20 @@ class SafetyConfig:
     allowed_globals: tuple[str, ...] = ()
     max_header_mib: int = 100
     max_tensors: int = 1_000_000
+    # Any JSON side file read from a model directory (shard index, config.json...).
+    max_side_file_mib: int = 64
+    # The object tree (everything but tensor data) may expand through shared references to
+    # max(tree_min_nodes, tree_expansion x S) objects and max(tree_min_mib MiB, tree_expansion x S)
+    # bytes, S = the file's non-tensor bytes (docs/reliability.md).
+    tree_min_nodes: int = 100_000
+    tree_min_mib: int = 16
+    tree_expansion: int = 16
+
+    def read_option_values(self) -> dict[str, int]:
+        """These caps as ``checkpoint.ReadOptions`` keyword arguments (bytes, not MiB)."""
+        return {"max_header_bytes": self.max_header_mib << 20, "max_tensors": self.max_tensors,
+                "max_side_file_bytes": self.max_side_file_mib << 20, "tree_min_nodes": self.tree_min_nodes,
+                "tree_min_bytes": self.tree_min_mib << 20, "tree_expansion": self.tree_expansion}
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("pressure.high_watermark_mib: must be >= low_watermark_mib (hysteresis)")
     if cfg.placement.load_workers < 1:
         raise ConfigError("placement.load_workers: must be >= 1")
+    for key in ("max_header_mib", "max_tensors", "max_side_file_mib", "tree_min_nodes", "tree_min_mib",
+                "tree_expansion"):
+        if getattr(cfg.safety, key) < 1:
+            raise ConfigError(f"safety.{key}: must be >= 1 (a cap of {getattr(cfg.safety, key)} refuses every model)")
     for i, rule in enumerate(cfg.rules):
         for pattern, device in rule.device_map:
             if not _is_device_id(device):

@@ -15,8 +15,10 @@ Rules this module fixes so the daemon, the watcher and ``source_for`` always agr
   device files; symlinks that resolve outside the model directory, dangling ones, and symlinked
   directories (not followed: they would list the same models twice, or loop). Nothing here ever
   opens a FIFO or a device: classification uses ``lstat``/``stat`` only, and the one file we do
-  open (a shard index, to see if all shards are there) is opened only after ``stat`` says it is a
-  regular file, with ``O_NONBLOCK`` so a swap to a FIFO in between cannot hang us.
+  open (a shard index, to see if all shards are there) goes through the engine's one safe
+  opener (``formats.common.read_json_file``: link resolved once and kept inside the model
+  directory, regular file checked before and after the open, ``O_NONBLOCK`` so a swap to a FIFO
+  in between cannot hang us, size capped, read bounded by the size at open).
 * Two files giving one name (``a.pt`` and ``a.safetensors``): the suffix earlier in
   ``SUFFIX_PRIORITY`` wins (safetensors first: it is the safe format), the other is reported. A
   weight file ``x.pt`` and a Hugging Face dir ``x/`` beside it: the file wins, the dir is reported.
@@ -29,13 +31,14 @@ The model directory is never written.
 """
 from __future__ import annotations
 
-import json
 import os
 import stat as stat_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devmapd.engine.diagnose import CheckpointError
 from devmapd.engine.filenames import WEIGHT_SUFFIXES, is_temporary
+from devmapd.engine.formats.common import MAX_SIDE_FILE_BYTES, read_json_file
 
 __all__ = [
     "WEIGHT_SUFFIXES",
@@ -57,8 +60,12 @@ __all__ = [
 SUFFIX_PRIORITY = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 _HF_MARKER = "config.json"
 _INDEX_SUFFIX = ".index.json"
-# A shard index is a small JSON map; anything bigger is not one, and we will not read it.
-_MAX_INDEX_BYTES = 64 << 20
+# A shard index is a small JSON map; anything bigger is not one, and we will not read it
+# (the loader applies the same cap, [safety] max_side_file_mib, and says so in its diagnosis).
+_MAX_INDEX_BYTES = MAX_SIDE_FILE_BYTES
+# Index problems that a copy in progress explains (wait for it); any other refusal is final and
+# the load reports it, so the directory is not held back as pending for ever.
+_TRANSIENT_INDEX_CODES = ("corrupt", "truncated", "empty", "changed_during_read", "not_found")
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,7 @@ def _is_hf(listing: _Listing, rel_dir: str) -> bool:
     return bool(rel_dir) and bool(listing.markers) and bool(listing.weights)
 
 
-def _hf_pending(abs_dir: str, listing: _Listing) -> str | None:
+def _hf_pending(abs_dir: str, listing: _Listing, root_real: str) -> str | None:
     """Why a Hugging Face dir is not complete yet, or None. Complete when ANY index (a repo may
     ship both a .bin and a .safetensors index) has all its shards, or when there is no index."""
     reasons = []
@@ -210,10 +217,13 @@ def _hf_pending(abs_dir: str, listing: _Listing) -> str | None:
         missing_all = []
         complete = False
         for idx in indexes:
-            shards = _read_index_shards(os.path.join(abs_dir, idx))
+            shards = _read_index_shards(os.path.join(abs_dir, idx), root_real)
             if shards is None:
                 missing_all.append(f"{idx} is not readable JSON yet")
                 continue
+            if shards is _UNUSABLE:
+                complete = True   # not a copy in progress: the load says what is wrong with it
+                break
             missing = sorted(shards - present)
             if not missing:
                 complete = True
@@ -224,25 +234,22 @@ def _hf_pending(abs_dir: str, listing: _Listing) -> str | None:
     return "; ".join(reasons) or None
 
 
-def _read_index_shards(path: str) -> set[str] | None:
+_UNUSABLE: set[str] = set()   # sentinel: the index can never be read (see _TRANSIENT_INDEX_CODES)
+
+
+def _read_index_shards(path: str, root_real: str) -> set[str] | None:
+    """The shard names an index lists; None while it is not (yet) a readable index; ``_UNUSABLE``
+    when it is refused for good (too big, not a regular file, outside the model directory)."""
     try:
-        st = os.stat(path)
-        if not stat_mod.S_ISREG(st.st_mode) or st.st_size > _MAX_INDEX_BYTES:
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = json.loads(f.read(_MAX_INDEX_BYTES + 1))
-        finally:
-            os.close(fd)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            return None
-        return {str(v) for v in weight_map.values()}
-    except (OSError, ValueError):
+        data = read_json_file(path, root=root_real, max_bytes=_MAX_INDEX_BYTES, what="shard index")
+    except CheckpointError as e:
+        return None if e.diagnosis.code in _TRANSIENT_INDEX_CODES else _UNUSABLE
+    except OSError:
         return None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return None
+    return {str(v) for v in weight_map.values()}
 
 
 def scan_all(model_dir: Path | str) -> Scan:
@@ -266,7 +273,7 @@ def scan_all(model_dir: Path | str) -> Scan:
                 name=rel_dir, path=Path(abs_dir), kind="hf-dir",
                 files=tuple(Path(abs_dir, f) for f in listing.all_weight_files()))
             problems.update((k, v) for k, v in listing.problems.items())
-            why = _hf_pending(abs_dir, listing)
+            why = _hf_pending(abs_dir, listing, root_real)
             if why:
                 pending[rel_dir] = why
             continue  # nested dirs of an HF model are part of it, not models of their own

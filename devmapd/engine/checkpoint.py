@@ -4,16 +4,28 @@
 dtype and per saved location, prefixes, containers, module groups) from headers and pickles only,
 and never raises for a bad file: the Inspection carries a Diagnosis instead.
 
-``read(source)`` opens each file ONCE (O_NOFOLLOW), parses its structure into meta tensors with
+``read(source)`` opens each file ONCE through the one safe opener
+(``formats.common.open_in_model_dir``: link resolved once and kept inside ``root``, regular
+files only, never a FIFO or a device), parses its structure into meta tensors with
 torch's weights-only unpickler, checks sizes against the caps and free memory BEFORE allocating,
 then copies every storage straight from the file into a sealed memfd arena (sendfile, no Python
 copy; casting is the only slow path). Each file is fstat'ed before and after: a file changed
 underneath is a ``changed_during_read`` error, never a mixed model.
 
+The non-tensor part (the object tree) is bounded by what it EXPANDS to, not by what the file
+holds: pickle memoises shared objects, so a 2 KB file can hold 4 million lists. Before anything
+walks or copies the tree, ``tree.measure`` counts its objects and bytes with every shared
+reference counted each time it is reached, and refuses (``too_large``) past
+``max(tree_min_nodes, tree_expansion x S)`` objects or ``max(tree_min_bytes, tree_expansion x
+S)`` bytes, S being the bytes of the file(s) that are not tensor data (the pickle or header
+itself: a big tensor cannot buy a big allowance). ``side_file_json`` reads a small JSON side
+file of a model (config.json...) through the same opener, capped.
+
 Failure vocabulary: ``Diagnosis`` / ``CheckpointError`` (see diagnose.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import stat
@@ -27,17 +39,26 @@ from typing import Any
 
 import torch
 
-from devmapd.engine import diagnose, normalize
+from devmapd.engine import diagnose, normalize, tree
 from devmapd.engine.diagnose import CheckpointError, Diagnosis, diagnose_exception
 from devmapd.engine.filenames import is_temporary
 from devmapd.engine.formats import hfdir, legacy, torchzip
 from devmapd.engine.formats import safetensors as st_format
-from devmapd.engine.formats.common import OpenedFile, Parsed, StorageRec, element_size, open_file
+from devmapd.engine.formats.common import (
+    MAX_SIDE_FILE_BYTES,
+    OpenedFile,
+    Parsed,
+    StorageRec,
+    check_inside,
+    element_size,
+    open_in_model_dir,
+    read_json_file,
+)
 from devmapd.engine.formats.detect import HEAD_BYTES, detect
 from devmapd.engine.gcpause import gc_paused
 
 __all__ = ["Diagnosis", "CheckpointError", "Inspection", "ReadOptions", "LoadedModel", "inspect",
-           "read", "summary", "diagnose_exception", "FORMATS"]
+           "read", "summary", "diagnose_exception", "FORMATS", "side_file_json", "MAX_SIDE_FILE_BYTES"]
 
 FORMATS = ("torch-zip", "torch-legacy", "safetensors", "hf-dir", "torchscript", "unknown")
 _CAST_CHUNK = 32 << 20   # bytes read per step on the (slow) casting path
@@ -92,6 +113,17 @@ class ReadOptions:
     memory_limit: int | None = None   # refuse (out_of_memory) before allocating more than this
     threads: int = 4                  # parallel shard reads
     root: str | None = None           # refuse files whose opened inode lies outside this directory
+    # [safety] caps on what a file may make us read or build besides tensor data (docs/reliability.md)
+    max_side_file_bytes: int = MAX_SIDE_FILE_BYTES   # a shard index or other JSON side file
+    tree_min_nodes: int = 100_000     # the object tree may always expand to this many objects...
+    tree_min_bytes: int = 16 << 20    # ...and this many bytes of strings/bytes/digits,
+    tree_expansion: int = 16          # or this many of each per non-tensor byte of the file(s)
+
+    def tree_caps(self, structure_bytes: int) -> tuple[int, int]:
+        """(max objects, max bytes) the object tree of a checkpoint with ``structure_bytes``
+        non-tensor bytes may expand to."""
+        k = self.tree_expansion * max(0, structure_bytes)
+        return max(self.tree_min_nodes, k), max(self.tree_min_bytes, k)
 
 
 @dataclass
@@ -153,11 +185,10 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
     real = os.path.realpath(path)   # resolve links once; the open itself then refuses to follow any
     if os.path.isdir(real):
         guess.format = "hf-dir"
-        names = hfdir.weight_files(real, opts.max_header_bytes)
+        names = hfdir.weight_files(real, root=opts.root, max_index_bytes=opts.max_side_file_bytes)
         for name in names:
             shown = os.path.join(path, os.path.basename(name))
-            opened.append(open_file(os.path.realpath(name), shown))
-            _check_inside(opened[-1], opts.root)
+            opened.append(open_in_model_dir(name, shown, root=opts.root))
 
         def one(i: int) -> Parsed:
             return _parse_file(opened[i], opts, locate, _Guess())
@@ -168,26 +199,30 @@ def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
         else:
             parts = [one(i) for i in range(len(opened))]
         return _merge_shards(path, parts, opened)
-    opened.append(open_file(real, path))
-    _check_inside(opened[0], opts.root)
+    opened.append(open_in_model_dir(real, path, root=opts.root))
     return _parse_file(opened[0], opts, locate, guess)
 
 
-def _check_inside(f: OpenedFile, root: str | None) -> None:
-    """The file we actually opened (not the name we resolved) must lie inside ``root``.
+# Kept for callers outside the engine's formats package (engine.sidefiles); the check itself
+# lives with the opener in formats.common.
+_check_inside = check_inside
 
-    A symlink the watcher accepted can be repointed before the read; /proc/self/fd/N names
-    the inode the kernel gave us, so checking it closes that window.
-    """
-    if root is None:
-        return
-    real_root = os.path.realpath(root)
+
+def _check_expansion(path: str, parsed: Parsed, opts: ReadOptions) -> None:
+    """Refuse (too_large) an object tree that expands, through shared references, past the caps.
+
+    Runs right after the unpickler (which keeps shared objects shared: its memory is bounded
+    by the pickle) and before normalize.walk / tree.encode, which expand every reference."""
+    structure = max(0, sum(f.size for f in parsed.files) - sum(r.nbytes for r in parsed.storages))
+    max_nodes, max_bytes = opts.tree_caps(structure)
     try:
-        opened_at = os.readlink(f"/proc/self/fd/{f.fd}")
-    except OSError:
-        return  # no /proc: the resolved-path check done at scan time is all we have
-    if os.path.commonpath([opened_at, real_root]) != real_root:
-        raise diagnose.outside_model_dir(f.path, opened_at, real_root)
+        tree.measure(parsed.obj, max_nodes=max_nodes, max_bytes=max_bytes)
+    except tree.TreeTooLarge as e:
+        floor = ("safety.tree_min_nodes" if e.what == "objects" else "safety.tree_min_mib")
+        raise diagnose.too_large(
+            path, f"a structure (everything but the tensor data) that expands to more than {e.limit} {e.what} "
+                  f"through shared references, from {structure} non-tensor bytes in the file",
+            f"{e.limit} {e.what} = max({floor}, safety.tree_expansion x {structure})") from None
 
 
 def _merge_shards(path: str, parts: list[Parsed], opened: list[OpenedFile]) -> Parsed:
@@ -322,19 +357,28 @@ def register_allowed_globals(names: tuple[str, ...]) -> None:
         torch.serialization.add_safe_globals(objs)
 
 
-def inspect(path: Any, *, allowed_globals: tuple[str, ...] = (), root: str | None = None) -> Inspection:
+def inspect(path: Any, *, allowed_globals: tuple[str, ...] = (), root: str | None = None,
+            options: ReadOptions | None = None) -> Inspection:
     """What ``path`` (a file, an HF directory or a ModelSource) holds, without reading tensor data.
 
     Never raises for a bad file: the Inspection's ``diagnosis`` says what is wrong. With
     ``root``, a file whose opened inode lies outside it is refused (outside_model_dir).
+    ``options`` supplies the caps (header, tensors, side files, tree expansion) a later
+    ``read`` will apply, so both refuse the same files; ``allowed_globals`` and ``root``, when
+    given, override its fields.
     """
     path = _source_path(path)
     guess = _Guess()
     opened: list[OpenedFile] = []
-    opts = ReadOptions(allowed_globals=tuple(allowed_globals), root=root)
+    opts = options or ReadOptions()
+    if allowed_globals:
+        opts = dataclasses.replace(opts, allowed_globals=tuple(allowed_globals))
+    if root is not None:
+        opts = dataclasses.replace(opts, root=root)
     try:
         with _allowed(opts.allowed_globals), gc_paused():
             parsed = _open_and_parse(path, opts, False, guess, opened)
+            _check_expansion(path, parsed, opts)
             walked = normalize.walk(parsed.obj, normalize.DEFAULT_PREFIXES, path_hint=path)
             storages = _storages(path, parsed, walked)
             insp = _inspection(path, parsed, walked, storages)
@@ -346,6 +390,28 @@ def inspect(path: Any, *, allowed_globals: tuple[str, ...] = (), root: str | Non
     finally:
         for f in opened:
             f.close()
+
+
+def side_file_json(source: Any, name: str, *, root: str | None = None,
+                   max_bytes: int = MAX_SIDE_FILE_BYTES) -> Any:
+    """The parsed JSON of the side file ``name`` (``"config.json"``, ``"generation_config.json"``...)
+    of a Hugging Face directory ``source`` (a path or a ModelSource), or None when there is none.
+
+    Read through the engine's one safe opener (``formats.common.read_json_file``): a link is
+    resolved once and must stay inside ``root`` (pass the model directory), only a regular file
+    is ever opened (never a FIFO or a device), the size is capped at ``max_bytes`` (the daemon
+    passes ``[safety] max_side_file_mib``) and the read stops at the size it had at open.
+    ``name`` must be a plain file name. Raises CheckpointError (too_large, not_a_checkpoint,
+    outside_model_dir, corrupt for bad JSON...) when the file exists but is unusable: the
+    caller reports that, it is not the same as the file being absent. Blocking: call it from a
+    worker thread, never from the event loop.
+    """
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"side_file_json: {name!r} is not a plain file name")
+    path = os.path.join(_source_path(source), name)
+    if not os.path.lexists(path):
+        return None
+    return read_json_file(path, root=root, max_bytes=max_bytes)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -407,12 +473,13 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
     where the first of them goes. ``progress(done_bytes, total_bytes)`` is called after each
     storage is copied, possibly from a worker thread.
     """
-    from devmapd.engine import arena, tree  # the arena/tree modules are only needed to read, not to inspect
+    from devmapd.engine import arena  # the arena is only needed to read, not to inspect
 
     # Bad options are the caller's bug (config.py validates them), not a property of the file.
     if options.gpu_dtype not in (None, *normalize.GPU_DTYPES):
         raise ValueError(f"ReadOptions.gpu_dtype must be None, 'float16' or 'bfloat16', not {options.gpu_dtype!r}")
-    if options.threads < 1 or options.max_tensors < 0 or options.max_header_bytes < 0:
+    if options.threads < 1 or min(options.max_tensors, options.max_header_bytes, options.max_side_file_bytes,
+                                  options.tree_min_nodes, options.tree_min_bytes, options.tree_expansion) < 0:
         raise ValueError("ReadOptions.threads must be >= 1 and the caps >= 0")
     t0 = time.monotonic()
     path = _source_path(source)
@@ -424,6 +491,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
         with _allowed(options.allowed_globals):
             with gc_paused():
                 parsed = _open_and_parse(path, options, True, guess, opened)
+                _check_expansion(path, parsed, options)
                 walked = normalize.walk(parsed.obj, options.strip_prefixes, path_hint=path,
                                         max_nodes=max(1000, 20 * options.max_tensors))
             if len(walked.tensors) > options.max_tensors:

@@ -22,7 +22,8 @@ they are in torch's weights_only allow-list, so a checkpoint can contain them.
 
 Because a plain JSON object is never a scalar here, no user data can be mistaken for a tag.
 Shared sub-containers are encoded once per reference (tensors keep their identity through the
-index); reference cycles are refused by the depth guard.
+index); reference cycles are refused by the depth guard. ``measure`` counts that expansion
+without building it, so a caller refuses a structure that would expand past a cap before encoding.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TreeError", "MAX_DEPTH", "encode", "decode"]
+__all__ = ["TreeError", "TreeTooLarge", "MAX_DEPTH", "encode", "measure", "decode"]
 
 # Deep enough for any real checkpoint (Lightning nests ~6 levels), shallow enough that neither
 # encode nor decode can hit Python's recursion limit (1000 frames) on hostile input.
@@ -120,9 +121,106 @@ def _enc(obj: Any, ti: Callable[[torch.Tensor], int], depth: int, path: str) -> 
     )
 
 
+class TreeTooLarge(TreeError):
+    """The structure expands past a cap (``measure``); ``what`` is "objects" or "bytes"."""
+
+    def __init__(self, what: str, limit: int):
+        self.what, self.limit = what, limit
+        super().__init__(f"the structure expands to more than {limit} {what} through shared references")
+
+
+_LEAVES = (type(None), bool, int, float, str, bytes, bytearray, complex)
+
+
+def _leaf_bytes(obj: Any, t: type) -> int:
+    """What a leaf adds to the encoded text, roughly: its characters, base64 of its bytes, digits."""
+    if t is str:
+        return len(obj)
+    if t is bytes or t is bytearray:
+        return (len(obj) + 2) // 3 * 4
+    if t is int:
+        return obj.bit_length() // 3 + 1   # >= the number of decimal digits
+    return 8
+
+
+def measure(obj: Any, *, max_nodes: int, max_bytes: int) -> tuple[int, int]:
+    """``(nodes, bytes)`` that ``encode(obj)`` would write, each shared object counted EVERY time
+    it is reached (encode writes it once per reference); raises :class:`TreeTooLarge` as soon as
+    either passes its cap.
+
+    Pickle memoises shared objects, so a tiny file can hold a structure that expands without
+    bound ("billion laughs": ``l = [l, l]`` 21 times is 4 million lists; ``[s] * 1500`` of a
+    1 MiB string is 1.5 GiB of text). This walk costs at most ``max_nodes`` steps and allocates
+    nothing that grows with the expansion (an explicit stack, bounded by the objects that exist:
+    reference cycles simply run into the cap), so it runs before anything expands the structure.
+    Tensors are leaves (their data is not structure); unknown types count one node (encode
+    refuses them itself).
+    """
+    nodes = nbytes = 0
+    stack = [obj]
+    leaves = _LEAVES
+    tensor = torch.Tensor
+    while stack:
+        node = stack.pop()
+        t = type(node)
+        nodes += 1
+        if t in leaves or isinstance(node, tensor):
+            nbytes += _leaf_bytes(node, t)
+        else:
+            if isinstance(node, dict):
+                children: Any = list(node.keys()) + list(node.values())
+            elif isinstance(node, (list, tuple, set, frozenset)):
+                children = node
+            else:
+                children = ()
+            # Leaves inline (most of a state dict: keys and tensors); containers on the stack.
+            for child in children:
+                ct = type(child)
+                if ct is str:
+                    nodes += 1
+                    nbytes += len(child)
+                elif ct in leaves or isinstance(child, tensor):
+                    nodes += 1
+                    nbytes += _leaf_bytes(child, ct)
+                else:
+                    stack.append(child)
+        if nodes > max_nodes:
+            raise TreeTooLarge("objects", max_nodes)
+        if nbytes > max_bytes:
+            raise TreeTooLarge("bytes", max_bytes)
+    return nodes, nbytes
+
+
 def decode(node: Any, tensors: Sequence[torch.Tensor]) -> Any:
     """Rebuild the object encoded by ``encode`` around ``tensors`` (indexed by tensor leaves)."""
     return _dec(node, tensors, 0)
+
+
+def flat_plan(node: Any, n: int) -> tuple[type, list[str], list[int]] | None:
+    """``(dict class, keys, tensor indices)`` when ``node`` is a dict or OrderedDict of string
+    keys to tensor leaves (a state dict: nearly every served checkpoint), checked against ``n``
+    tensors; None for anything else. ``cls(zip(keys, (tensors[i] for i in indices)))`` is then
+    what ``decode`` returns, built in C: a caller keeps the plan to rebuild the same tree."""
+    if type(node) is not dict:
+        return None
+    cls = {"dict": dict, "odict": collections.OrderedDict}.get(node.get("@"))
+    items = node.get("items")
+    if cls is None or type(items) is not list:
+        return None
+    keys: list[str] = []
+    idxs: list[int] = []
+    try:
+        for k, v in items:
+            if type(k) is not str or type(v) is not dict or len(v) != 2 or v.get("@") != "tensor":
+                return None
+            i = v.get("i")
+            if type(i) is not int or not 0 <= i < n:
+                return None
+            keys.append(k)
+            idxs.append(i)
+    except (TypeError, ValueError):   # an item that is not a [key, value] pair
+        return None
+    return cls, keys, idxs
 
 
 def _bad(node: Any, why: str) -> TreeError:

@@ -3,22 +3,29 @@
 This module only decides WHICH files hold the weights (validating index files and shard names);
 each shard is parsed by its own format module and the shards' flat state dicts are merged.
 Preference follows transformers: safetensors over pickled .bin.
+
+The index is read through the engine's one safe opener (``common.read_json_file``): a link is
+resolved once and must stay inside ``root``, only a regular file is opened (never a FIFO or a
+device, which would hang or feed us forever), and it is capped at ``max_index_bytes``.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from devmapd.engine import diagnose
+
+from .common import MAX_SIDE_FILE_BYTES, read_json_file
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def weight_files(directory: str, max_header_bytes: int = 100 << 20) -> list[str]:
-    """The weight files of an HF directory, in shard order; raises CheckpointError if there are none."""
+def weight_files(directory: str, *, root: str | None = None,
+                 max_index_bytes: int = MAX_SIDE_FILE_BYTES) -> list[str]:
+    """The weight files of an HF directory, in shard order; raises CheckpointError if there are none
+    or if its index is unusable (too big, not a regular file, outside ``root``, not JSON)."""
     d = Path(directory)
     try:
         names = sorted(os.listdir(d))
@@ -27,7 +34,7 @@ def weight_files(directory: str, max_header_bytes: int = 100 << 20) -> list[str]
     index_names = [n for n in _INDEXES if n in names] + sorted(
         n for n in names if n.endswith(".index.json") and n not in _INDEXES)
     if index_names:
-        return _from_index(d, index_names[0], names, max_header_bytes)
+        return _from_index(d, index_names[0], names, root, max_index_bytes)
     for single in _SINGLES:
         if single in names:
             return [str(d / single)]
@@ -39,21 +46,9 @@ def weight_files(directory: str, max_header_bytes: int = 100 << 20) -> list[str]
                                                "*.bin or *.index.json)")
 
 
-def _from_index(d: Path, index_name: str, names: list[str], max_header_bytes: int) -> list[str]:
+def _from_index(d: Path, index_name: str, names: list[str], root: str | None, max_bytes: int) -> list[str]:
     index_path = d / index_name
-    try:
-        st = os.stat(index_path)
-        if st.st_size > max_header_bytes:
-            raise diagnose.too_large(str(index_path), f"a {st.st_size}-byte index",
-                                     f"{max_header_bytes} bytes (checkpoint.max_header_bytes)")
-        with open(index_path, "rb") as fh:
-            index = json.loads(fh.read())
-    except diagnose.CheckpointError:
-        raise
-    except OSError as e:
-        raise diagnose.CheckpointError(diagnose.diagnose_exception(e, str(index_path))) from None
-    except ValueError as e:
-        raise diagnose.corrupt(str(index_path), f"bad JSON index: {e}") from None
+    index = read_json_file(index_path, root=root, max_bytes=max_bytes, what="shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise diagnose.corrupt(str(index_path), "the index has no weight_map")
