@@ -179,3 +179,45 @@ def test_modest_sharing_still_loads(d, guard: ModelDirGuard) -> None:
         got = c.fetch("shared-ok")
     assert got["hparams"] == [cfg] * 100
     assert I.version_of({k: v for k, v in got.items() if k != "hparams"}) == 7
+
+
+# ----------------------------------------------------------------------------- the side-file helper
+
+def test_side_file_json_reads_only_small_regular_files_inside(tmp_path: Path) -> None:
+    """checkpoint.side_file_json, the helper for shipping config.json and friends: a present file is
+    parsed, an absent one is None, and every hostile one is a diagnosis, never a hang or a flood."""
+    import concurrent.futures
+
+    from devmapd.engine import checkpoint
+
+    root = tmp_path / "models"
+    d = root / "m"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"hidden_size": 4}')
+    os.mkfifo(d / "fifo.json")
+    os.symlink("/dev/zero", d / "zero.json")
+    (tmp_path / "outside.json").write_text("{}")
+    os.symlink(tmp_path / "outside.json", d / "out.json")
+    (d / "big.json").write_text("[" + "0," * 600 + "0]")
+    (d / "deep.json").write_text("[" * 100_000)
+
+    def code(name: str, **kw) -> str:
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:   # a FIFO open would block: bound it
+            fut = ex.submit(checkpoint.side_file_json, d, name, **kw)
+            try:
+                fut.result(timeout=DEADLINE_S)
+            except checkpoint.CheckpointError as e:
+                assert name in e.diagnosis.message, e.diagnosis
+                return e.diagnosis.code
+        raise AssertionError(f"{name} was accepted")
+
+    assert checkpoint.side_file_json(d, "config.json", root=str(root)) == {"hidden_size": 4}
+    assert checkpoint.side_file_json(d, "generation_config.json", root=str(root)) is None
+    assert code("fifo.json", root=str(root)) == "not_a_checkpoint"
+    assert code("zero.json", root=str(root)) == "outside_model_dir"
+    assert code("zero.json") == "not_a_checkpoint"          # no root: still never opens a device
+    assert code("out.json", root=str(root)) == "outside_model_dir"
+    assert code("big.json", root=str(root), max_bytes=1000) == "too_large"
+    assert code("deep.json", root=str(root)) == "corrupt"
+    with pytest.raises(ValueError, match="plain file name"):
+        checkpoint.side_file_json(d, "../config.json")

@@ -107,6 +107,27 @@ def test_hf_dir_with_missing_shards_is_pending(tmp_path: Path):
     assert names.scan_all(tmp_path).pending == {}
 
 
+
+def test_an_unusable_index_is_not_pending_for_ever_and_the_load_says_why(tmp_path: Path):
+    """An index cut short (a copy in progress) keeps the directory pending; one over the side-file
+    cap never becomes readable, so the directory is not held back: the load refuses it as
+    too_large, naming the index, without reading it (a sparse 65 MiB file: nothing to read)."""
+    from devmapd.engine import checkpoint
+
+    d = hf_dir(tmp_path / "m", shards=1)
+    index = d / "model.safetensors.index.json"
+    whole = index.read_bytes()
+    index.write_bytes(whole[: len(whole) // 2])
+    assert "not readable JSON yet" in names.scan_all(tmp_path).pending["m"]
+    with open(index, "r+b") as fh:
+        fh.truncate(names._MAX_INDEX_BYTES + 1)
+    scan = run_with_timeout(lambda: names.scan_all(tmp_path))
+    assert "m" in scan.models and "m" not in scan.pending
+    insp = run_with_timeout(lambda: checkpoint.inspect(scan.models["m"], root=str(tmp_path)))
+    assert insp.diagnosis is not None and insp.diagnosis.code == "too_large", insp.diagnosis
+    assert "model.safetensors.index.json" in insp.diagnosis.message
+    assert "safety.max_side_file_mib" in insp.diagnosis.message
+
 def test_name_conflicts_are_deterministic_and_reported(tmp_path: Path):
     ckpt(tmp_path / "a.pt")
     ckpt(tmp_path / "a.pth")
