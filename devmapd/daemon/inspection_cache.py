@@ -1,0 +1,256 @@
+"""A restart that has learned: what parsing each model taught us, kept in the state directory.
+
+Each successful parse (``engine.learned.Learned``: format, storages, tensor views, structure)
+is stored as one JSON file under ``<state_dir>/inspections/``, named by a hash of the model's
+real path and the parse options, and keyed inside by the identity of every file of the model
+(device, inode, size, mtime_ns, ctime_ns; for a Hugging Face directory, every regular file at
+its top). A later lookup stats the files again and serves the record only if every identity
+matches; the read then opens the files and compares once more (``read_learned``), so a file
+replaced, rewritten in place (ctime moves even when mtime is put back) or touched is parsed
+afresh, never served from a stale record.
+
+Nothing here is trusted blindly: a record file must be a regular file owned by this process's
+user and writable by nobody else, carry this format's version and a matching SHA-256 of its
+content, and pass ``inspection_codec.decode``'s checks. Anything else is ignored with a
+warning (and replaced at the next store). Records are written atomically (temp file + rename,
+in the state directory; the model directory is never written) and without fsync: a record lost
+in a crash costs one parse.
+
+Racily clean files: a file's timestamps have the filesystem's granularity, so a file changed
+again within the same tick as the version we parsed would show the same identity. A parse of a
+file changed less than RACY_NS before we opened it is therefore not stored (git's rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from devmapd.engine import inspection_codec
+from devmapd.engine.checkpoint import ReadOptions
+from devmapd.engine.filenames import is_temporary
+from devmapd.engine.learned import Learned, options_key
+from devmapd.textfmt import safe
+
+log = logging.getLogger("devmapd.cache")
+
+DIRNAME = "inspections"
+FORMAT = "devmapd-inspection"
+VERSION = 1
+MAX_RECORD_BYTES = 256 << 20
+RACY_NS = 500_000_000
+
+Listing = list[list[Any]]   # [[name, dev, ino, size, mtime_ns, ctime_ns], ...] sorted by name
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def current_listing(path: str) -> Listing | None:
+    """The identities of a model's files now, from ``stat`` only; None if it cannot be read."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if stat.S_ISREG(st.st_mode):
+            return [[os.path.basename(path), *_identity(st)]]
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        out = []
+        with os.scandir(real) as it:
+            for entry in it:
+                if is_temporary(entry.name):
+                    continue
+                try:
+                    est = entry.stat()   # follows links (HF cache snapshots link into blobs/)
+                except OSError:
+                    continue
+                if stat.S_ISREG(est.st_mode):
+                    out.append([entry.name, *_identity(est)])
+        return sorted(out)
+    except OSError:
+        return None
+
+
+def _fingerprint_of(listing: Listing) -> tuple:
+    """names.fingerprint's form ((name, size, mtime_ns, ino), ...) of a listing."""
+    return tuple(sorted((r[0], r[3], r[4], r[2]) for r in listing))
+
+
+class InspectionCache:
+    """Stored parses under ``state_dir``; thread-safe (lookups and stores run in load threads)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, enabled: bool = True) -> None:
+        self.dir = Path(state_dir) / DIRNAME
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._checked = False
+        self.counts = {"hits": 0, "misses": 0, "stale": 0, "rejected": 0, "stored": 0, "racy": 0}
+
+    # ------------------------------------------------------------------ helpers
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"dir": str(self.dir), "enabled": self.enabled, **self.counts}
+
+    def _usable(self) -> bool:
+        """The directory exists (made 0700 if not), is ours and writable by nobody else."""
+        if not self.enabled:
+            return False
+        with self._lock:
+            if self._checked:
+                return self.enabled
+            self._checked = True
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                st = os.stat(self.dir, follow_symlinks=False)
+                why = None
+                if not stat.S_ISDIR(st.st_mode):
+                    why = "it is not a directory"
+                elif st.st_uid != os.geteuid():
+                    why = f"it belongs to uid {st.st_uid}, not {os.geteuid()}"
+                elif st.st_mode & 0o022:
+                    why = f"others may write to it (mode {stat.S_IMODE(st.st_mode):o})"
+            except OSError as exc:
+                why = str(exc)
+            if why is not None:
+                log.warning("inspection cache %s disabled (%s); every model is parsed at start-up. "
+                            "Fix: remove it or give it to this user with mode 0700", safe(str(self.dir)), why)
+                self.enabled = False
+            return self.enabled
+
+    def _entry(self, path: str, options: ReadOptions) -> Path:
+        real = os.path.realpath(path)
+        h = hashlib.sha256(json.dumps([real, list(map(list, options_key(options)[:2])),
+                                       *options_key(options)[2:]]).encode("utf-8", "surrogateescape"))
+        return self.dir / f"{h.hexdigest()[:40]}.json"
+
+    @staticmethod
+    def _digest(listing: Any, record: Any) -> str:
+        blob = json.dumps([listing, record], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _read_record(self, entry: Path) -> dict[str, Any] | None:
+        """The stored document, or None (missing, or refused with a warning)."""
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return self._reject(entry, f"cannot open it ({exc.strerror})")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return self._reject(entry, "it is not a regular file")
+            if st.st_uid != os.geteuid():
+                return self._reject(entry, f"it belongs to uid {st.st_uid}, not {os.geteuid()}")
+            if st.st_mode & 0o022:
+                return self._reject(entry, f"others may write to it (mode {stat.S_IMODE(st.st_mode):o})")
+            if st.st_size > MAX_RECORD_BYTES:
+                return self._reject(entry, f"it is {st.st_size} bytes, over {MAX_RECORD_BYTES}")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                raw = fh.read(MAX_RECORD_BYTES + 1)
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            return self._reject(entry, f"it is not valid JSON ({exc})")
+        if type(doc) is not dict or doc.get("format") != FORMAT:
+            return self._reject(entry, "it is not an inspection record")
+        if doc.get("version") != VERSION:
+            return self._reject(entry, f"its version {doc.get('version')!r:.20} is not {VERSION}")
+        if doc.get("sha256") != self._digest(doc.get("listing"), doc.get("record")):
+            return self._reject(entry, "its checksum does not match (truncated or edited)")
+        return doc
+
+    def _reject(self, entry: Path, why: str) -> None:
+        self._count("rejected")
+        log.warning("ignoring inspection cache file %s: %s; the model is parsed afresh", safe(str(entry)), why)
+        return None
+
+    # ------------------------------------------------------------------ API
+    def lookup(self, path: str, options: ReadOptions) -> Learned | None:
+        """The stored parse of the model at ``path`` if every file is unchanged, else None."""
+        if not self._usable():
+            return None
+        entry = self._entry(path, options)
+        doc = self._read_record(entry)
+        if doc is None:
+            self._count("misses")
+            return None
+        listing = current_listing(path)
+        if listing is None or doc.get("model") != os.path.realpath(path) or doc.get("listing") != listing:
+            self._count("stale")
+            return None
+        try:
+            learned = inspection_codec.decode(doc.get("record"), path=str(path))
+        except inspection_codec.CodecError as exc:
+            self._reject(entry, str(exc))
+            return None
+        if learned.key != options_key(options):
+            self._count("stale")
+            return None
+        # The weight files the record names must be among the files we just stat'ed, as they were.
+        by_name = {r[0]: r[1:] for r in listing}
+        for f in learned.files:
+            if by_name.get(os.path.basename(f.path)) != list(f.identity()):
+                self._count("stale")
+                return None
+        self._count("hits")
+        # The fingerprint comes from the identities just checked, so it matches the watcher's.
+        return Learned(path=learned.path, inspection=learned.inspection, key=learned.key, files=learned.files,
+                       storages=learned.storages, tensors=learned.tensors, tree=learned.tree,
+                       fingerprint=_fingerprint_of(listing), opened_ns=learned.opened_ns)
+
+    def store(self, path: str, learned: Learned, options: ReadOptions) -> bool:
+        """Keep ``learned`` for the next start; False if it is not stored (failed, racy, changed)."""
+        if not learned.ok or not self._usable() or learned.key != options_key(options):
+            return False
+        for f in learned.files:
+            if max(f.mtime_ns, f.ctime_ns) >= learned.opened_ns - RACY_NS:
+                self._count("racy")   # changed just before we parsed it: its identity proves nothing
+                return False
+        listing = current_listing(path)
+        if listing is None:
+            return False
+        by_name = {r[0]: r[1:] for r in listing}
+        for f in learned.files:
+            if by_name.get(os.path.basename(f.path)) != list(f.identity()):
+                return False   # already changed again: the next load learns the new version
+        record = inspection_codec.encode(learned)
+        doc = {"format": FORMAT, "version": VERSION, "model": os.path.realpath(path), "listing": listing,
+               "record": record, "sha256": self._digest(listing, record)}
+        entry = self._entry(path, options)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".insp-", suffix=".tmp", dir=self.dir)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
+                    json.dump(doc, fh, separators=(",", ":"))
+                os.replace(tmp, entry)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except (OSError, ValueError) as exc:
+            log.warning("cannot store the inspection of %s in %s: %s", safe(str(path)), safe(str(self.dir)), exc)
+            return False
+        self._count("stored")
+        return True
+
+    def forget(self, path: str, options: ReadOptions) -> None:
+        """Drop the record of a model that is gone."""
+        if self._usable():
+            try:
+                self._entry(path, options).unlink(missing_ok=True)
+            except OSError:
+                pass

@@ -1,0 +1,165 @@
+"""What a parse learned (``learned.Learned``), as JSON that can be stored and trusted only after checks.
+
+``encode`` writes plain JSON (no pickle: a stored record is data, never code). ``decode`` treats
+its input as hostile: every field's type and bound is checked (file indices, offsets inside the
+file's size, storage views inside their storage, dtype names torch knows, the encoded
+structure's tensor indices), and the Inspection is recomputed from the storages rather than
+read, so the record cannot claim sizes its storages do not have. Anything wrong raises
+:class:`CodecError`, whose message says what; callers then parse the file afresh.
+
+A record names the codec VERSION and the torch version it was made with; either differing is
+a CodecError too (dtype names and the rebuild rules belong to one torch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from devmapd.engine import arena, tree
+from devmapd.engine.learned import FileId, Learned, StorageSpec, TensorSpec, inspection_of
+
+__all__ = ["VERSION", "CodecError", "encode", "decode"]
+
+VERSION = 1
+_FORMATS = ("torch-zip", "torch-legacy", "safetensors", "hf-dir")
+_MAX_DIMS = 64
+
+
+class CodecError(ValueError):
+    """A stored record that cannot be trusted; the message says which field is wrong."""
+
+
+def encode(learned: Learned) -> dict[str, Any]:
+    """The JSON form of a successful ``learned`` (a failed one is never stored)."""
+    if not learned.ok:
+        raise ValueError("only a successful parse is stored")
+    insp = learned.inspection
+    return {
+        "codec": VERSION,
+        "torch": torch.__version__,
+        "key": [list(learned.key[0]), list(learned.key[1]), learned.key[2], learned.key[3]],
+        "path": learned.path,
+        "format": insp.format,
+        "prefixes": list(insp.prefixes),
+        "containers": list(insp.containers),
+        "files": [[f.path, f.real, f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns] for f in learned.files],
+        "fingerprint": [list(e) for e in learned.fingerprint],
+        "opened_ns": learned.opened_ns,
+        "storages": [[s.file, s.offset, s.nbytes, s.dtype, s.location, s.first_path, s.first_key]
+                     for s in learned.storages],
+        "tensors": [[t.storage, t.storage_offset, list(t.shape), list(t.stride), t.requires_grad, t.parameter]
+                    for t in learned.tensors],
+        "tree": learned.tree,
+    }
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
+    if type(v) is not int or v < lo or (hi is not None and v > hi):
+        raise CodecError(f"{what} is {v!r:.40}, not an integer in [{lo}, {'inf' if hi is None else hi}]")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if type(v) is not str:
+        raise CodecError(f"{what} is not a string")
+    return v
+
+
+def _list(v: Any, what: str, n: int | None = None) -> list[Any]:
+    if type(v) is not list or (n is not None and len(v) != n):
+        raise CodecError(f"{what} is not a list" + (f" of {n} items" if n is not None else ""))
+    return v
+
+
+def _bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise CodecError(f"{what} is not true/false")
+    return v
+
+
+def decode(d: Any, *, path: str) -> Learned:
+    """Check and rebuild a stored record for the model at ``path``. Raises CodecError."""
+    if type(d) is not dict:
+        raise CodecError("the record is not a JSON object")
+    if d.get("codec") != VERSION:
+        raise CodecError(f"codec version {d.get('codec')!r:.20} is not {VERSION} (written by another devmapd)")
+    if d.get("torch") != torch.__version__:
+        raise CodecError(f"written under torch {d.get('torch')!r:.40}, this is {torch.__version__}")
+    if d.get("path") != path:
+        raise CodecError("the record is for another model")
+    fmt = d.get("format")
+    if fmt not in _FORMATS:
+        raise CodecError(f"unknown format {fmt!r:.40}")
+    k = _list(d.get("key"), "key", 4)
+    key = (tuple(_str(x, "key prefix") for x in _list(k[0], "key prefixes")),
+           tuple(_str(x, "key global") for x in _list(k[1], "key globals")),
+           _int(k[2], "key max_header_bytes"), _int(k[3], "key max_tensors"))
+    files = []
+    for i, row in enumerate(_list(d.get("files"), "files")):
+        r = _list(row, f"files[{i}]", 7)
+        files.append(FileId(_str(r[0], "file path"), _str(r[1], "file real path"),
+                            *(_int(x, f"files[{i}] identity") for x in r[2:])))
+    if not files:
+        raise CodecError("the record names no file")
+    fingerprint = []
+    for row in _list(d.get("fingerprint"), "fingerprint"):
+        r = _list(row, "fingerprint entry", 4)
+        fingerprint.append((_str(r[0], "fingerprint name"), _int(r[1], "fingerprint size"),
+                            _int(r[2], "fingerprint mtime", lo=-(1 << 63)), _int(r[3], "fingerprint inode")))
+    storages = []
+    dtypes: dict[str, torch.dtype] = {}
+    for i, row in enumerate(_list(d.get("storages"), "storages")):
+        r = _list(row, f"storages[{i}]", 7)
+        fi = _int(r[0], f"storages[{i}] file", hi=len(files) - 1)
+        off = _int(r[1], f"storages[{i}] offset")
+        nbytes = _int(r[2], f"storages[{i}] size")
+        if off + nbytes > files[fi].size:
+            raise CodecError(f"storages[{i}] reaches past the end of its file")
+        dtn = _str(r[3], f"storages[{i}] dtype")
+        try:
+            dt = dtypes.get(dtn)
+            if dt is None:
+                dt = dtypes[dtn] = arena.dtype_from_name(dtn)
+        except arena.ArenaError:
+            raise CodecError(f"storages[{i}] has an unknown dtype {dtn!r:.40}") from None
+        if nbytes % dt.itemsize:
+            raise CodecError(f"storages[{i}] is not a whole number of {dtn} elements")
+        storages.append(StorageSpec(fi, off, nbytes, dtn, _str(r[4], "location"), _str(r[5], "first path"),
+                                    _str(r[6], "first key")))
+    tensors = []
+    used = [False] * len(storages)
+    for i, row in enumerate(_list(d.get("tensors"), "tensors")):
+        r = _list(row, f"tensors[{i}]", 6)
+        si = _int(r[0], f"tensors[{i}] storage", hi=len(storages) - 1)
+        soff = _int(r[1], f"tensors[{i}] storage offset")
+        shape = tuple(_int(x, f"tensors[{i}] shape") for x in _list(r[2], f"tensors[{i}] shape"))
+        stride = tuple(_int(x, f"tensors[{i}] stride") for x in _list(r[3], f"tensors[{i}] stride"))
+        if len(shape) != len(stride) or len(shape) > _MAX_DIMS:
+            raise CodecError(f"tensors[{i}] has {len(shape)} sizes but {len(stride)} strides")
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel:
+            last = soff + sum((n - 1) * s for n, s in zip(shape, stride))
+            if (last + 1) * dtypes[storages[si].dtype].itemsize > storages[si].nbytes:
+                raise CodecError(f"tensors[{i}] reaches past the end of its storage")
+        tensors.append(TensorSpec(si, soff, shape, stride, _bool(r[4], "requires_grad"),
+                                  _bool(r[5], "parameter")))
+        used[si] = True
+    if not all(used):
+        raise CodecError("a storage no tensor uses")
+    encoded = d.get("tree")
+    try:   # the structure must decode around exactly these tensors
+        placeholder = torch.empty(0)
+        tree.decode(encoded, [placeholder] * len(tensors))
+    except (tree.TreeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CodecError(f"the stored structure does not decode ({type(e).__name__}: {e})") from None
+    prefixes = tuple(_str(x, "prefix") for x in _list(d.get("prefixes"), "prefixes"))
+    containers = tuple(_str(x, "container") for x in _list(d.get("containers"), "containers"))
+    if fmt != "hf-dir" and len(files) != 1:
+        raise CodecError("several files for a format that has one")
+    insp = inspection_of(path, fmt, storages, len(tensors), prefixes, containers, tuple(f.path for f in files))
+    return Learned(path=path, inspection=insp, key=key, files=tuple(files), storages=tuple(storages),
+                   tensors=tuple(tensors), tree=encoded, fingerprint=tuple(fingerprint),
+                   opened_ns=_int(d.get("opened_ns"), "opened_ns"))
