@@ -14,6 +14,7 @@ from textual.containers import HorizontalGroup
 from textual.widget import Widget
 from textual.widgets import DataTable, Footer, RichLog, Static
 from textual.widgets._footer import FooterKey
+from textual.widgets.data_table import ColumnKey
 
 from .models import (
     MODEL_COLUMNS,
@@ -355,6 +356,8 @@ class ModelTable(DataTable):
         changes; otherwise the rows are laid out again (a resize, not an event, gets here)."""
         if plan == self._plan:
             return False
+        if list(plan) == list(self._plan) and self._resize_columns(plan):
+            return True
         keep = self.selected_name
         self._plan = dict(plan)
         labels = dict(COLUMNS)
@@ -377,6 +380,23 @@ class ModelTable(DataTable):
         except Exception:
             return None
         return key.value if key is not None else None
+
+    def _resize_columns(self, plan: dict[str, int]) -> bool:
+        """Same columns, new widths (a terminal resized within one width band): change the
+        widths in place, so dragging a window edge never re-adds 500 rows. False when this
+        DataTable lacks the internals used here (a Textual upgrade): the caller rebuilds."""
+        try:
+            for key, width in plan.items():
+                column = self.columns[ColumnKey(key)]
+                column.width = width or column.content_width
+                column.auto_width = not width
+            self._clear_caches()
+            self._require_update_dimensions = True
+        except (AttributeError, KeyError):
+            return False
+        self._plan = dict(plan)
+        self.refresh()
+        return True
 
     def sync(self, names: set[str] | list[str], now: float | None = None) -> None:
         """Bring the given rows in line with the state: update in place, add, or drop."""

@@ -137,3 +137,23 @@ async def test_dialogs_fit_at_80x24():
         text = screen_text(app)
         assert "st.pt" in text and "incoming/pipe.pt" in text and "FIFO" in text, text
         assert set(FIXED_PROBLEMS) <= set(app.state.daemon["problems"])
+
+
+async def test_resize_within_a_width_band_keeps_the_rows():
+    """Dragging a window edge changes the name column's width in place; no row is re-added."""
+    app = frozen_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settled(pilot)
+        table = app._table
+        keys = table.column_keys
+        before = table.columns[next(iter(table.columns))].width
+        added: list[Any] = []
+        original_add = table.add_row
+        table.add_row = lambda *a, **k: (added.append(a), original_add(*a, **k))[1]  # type: ignore[method-assign]
+        await pilot.resize_terminal(132, 40)
+        await wait_until(pilot, lambda: table.column_keys == keys
+                         and table.columns[next(iter(table.columns))].width == before + 12,
+                         what="the name column 12 cells wider")
+        await settle(pilot)
+        assert added == [] and table.row_count == len(MODEL_NAMES)
+        assert "llama-7b-chat" in visible_models(app)
