@@ -237,9 +237,9 @@ class Manifest(_Record):
     (a repeat fetch) skips that work.
     """
 
-    # The two private slots are caches, not fields: __init__, eq, hash, repr and replace see
+    # The private slots are caches, not fields: __init__, eq, hash, repr and replace see
     # only the four public ones.
-    __slots__ = ("tensors", "segments", "tree", "version", "_rows", "_plan", "__weakref__")
+    __slots__ = ("tensors", "segments", "tree", "version", "_rows", "_plan", "_flat", "__weakref__")
     _fields = ("tensors", "segments", "tree", "version")
     _defaults = {"version": 1}
     tensors: tuple[TensorEntry, ...]
@@ -251,6 +251,7 @@ class Manifest(_Record):
         super().__init__(*args, **kwargs)
         object.__setattr__(self, "_rows", None)
         object.__setattr__(self, "_plan", None)
+        object.__setattr__(self, "_flat", None)
 
     def __repr__(self) -> str:
         n = len(self._rows) if self._rows is not None else len(self.tensors)
@@ -336,6 +337,7 @@ class Manifest(_Record):
         setattr_(m, "version", 1)
         setattr_(m, "_rows", rows)
         setattr_(m, "_plan", None)
+        setattr_(m, "_flat", None)
         return m
 
 
@@ -599,12 +601,29 @@ def _bad_entry(i: int, row: Sequence[Any], seg_nbytes: int, itemsize: int) -> Ar
 # a mapped segment is never on the meta device, and skipping the wrapper saves ~1 us a tensor.
 _slice = torch._C.StorageBase.__getitem__
 
-# One planned tensor: (index, dtype, byte offset, storage nbytes, storage_offset, shape, stride,
-# numel if it can be made with one torch.frombuffer call else 0, parameter, requires_grad).
-_Op = tuple[int, torch.dtype, int, int, int, tuple[int, ...], tuple[int, ...], int, bool, bool]
+# A planned tensor that one torch.frombuffer call makes: (index, dtype, byte offset, numel,
+# shape to view it as, or None for 1-D).
+_Fast = tuple[int, torch.dtype, int, int, "tuple[int, ...] | None"]
+# Any other: (index, dtype, byte offset, storage nbytes, storage_offset, shape, stride).
+_Slow = tuple[int, torch.dtype, int, int, int, tuple[int, ...], tuple[int, ...]]
 
 
-def _plan(manifest: Manifest) -> list[list[_Op]]:
+class _SegmentPlan:
+    """How to build one segment's tensors (see ``_plan``)."""
+
+    __slots__ = ("fast", "slow", "flags")
+
+    def __init__(self) -> None:
+        self.fast: list[_Fast] = []
+        self.slow: list[_Slow] = []
+        self.flags: list[tuple[int, bool, bool]] = []   # (index, parameter, requires_grad), rare
+
+
+def _malformed(i: int, r: Any) -> ArenaError:
+    return ArenaError(f"tensor {i}: malformed entry {list(r)!r:.120}; the manifest is corrupt")
+
+
+def _plan(manifest: Manifest) -> list[_SegmentPlan]:
     """Per segment, how to build each of its tensors; checked once, cached on the manifest.
 
     A tensor takes the fast path (``torch.frombuffer``: one C call, ~1 us) when it alone uses
@@ -619,7 +638,8 @@ def _plan(manifest: Manifest) -> list[list[_Op]]:
     segments = manifest.segments
     rows = manifest._row_list()
     nseg = len(segments)
-    plan = [[] for _ in range(nseg)]
+    seg_bytes = [s.nbytes for s in segments]
+    plan = [_SegmentPlan() for _ in range(nseg)]
     users: dict[tuple[Any, Any, Any], int] = {}
     try:
         for r in rows:
@@ -628,82 +648,111 @@ def _plan(manifest: Manifest) -> list[list[_Op]]:
     except TypeError:   # an unhashable value where a number belongs
         raise ArenaError("malformed manifest: a tensor entry holds a non-number where its "
                          "segment, offset or size belongs; the manifest is corrupt") from None
-    dtypes: dict[Any, torch.dtype] = {}
+    dtypes: dict[Any, tuple[torch.dtype, int]] = {}
     for i, r in enumerate(rows):
         seg, off, snb, soff, dtn, shape, stride, _loc, rg, par = r
         if type(seg) is not int or not 0 <= seg < nseg:
             raise ArenaError(f"tensor {i} names segment {seg!r}, which does not exist")
-        dt = dtypes.get(dtn)
-        if dt is None:
-            dt = dtypes[dtn] = dtype_from_name(dtn)
-        seg_nbytes = segments[seg].nbytes
         try:
-            shape = tuple(shape)
-            stride = tuple(stride)
-            itemsize = dt.itemsize
-            if off < 0 or snb < 0 or off + snb > seg_nbytes or off % itemsize \
-                    or len(stride) != len(shape) or type(soff) is not int or soff < 0:
-                raise _bad_entry(i, r, seg_nbytes, itemsize)
-            numel = 1
-            for n in shape:
-                numel *= n
-            fast = 0
-            if soff == 0 and numel > 0 and numel * itemsize == snb and users[(seg, off, snb)] == 1:
-                expect, acc = True, 1
-                for n, s in zip(reversed(shape), reversed(stride)):
-                    if s != acc:
-                        expect = False
-                        break
-                    acc *= n
-                if expect:
-                    fast = numel
-            elif snb == 0 and numel != 0:
-                # an empty storage is resizable: set_ would grow it instead of refusing
-                raise _bad_entry(i, r, seg_nbytes, itemsize)
-        except ArenaError:
-            raise
+            dt, itemsize = dtypes[dtn]
+        except KeyError:
+            dt = dtype_from_name(dtn)
+            dt, itemsize = dtypes[dtn] = (dt, dt.itemsize)
         except TypeError:
-            raise ArenaError(f"tensor {i}: malformed entry {list(r)!r:.120}; the manifest is "
-                             "corrupt") from None
-        plan[seg].append((i, dt, off, snb, soff, shape, stride, fast, bool(par), bool(rg)))
+            raise _malformed(i, r) from None
+        if type(off) is not int or type(snb) is not int or type(soff) is not int \
+                or type(shape) not in (list, tuple) or type(stride) not in (list, tuple):
+            raise _malformed(i, r)
+        sp = plan[seg]
+        ndim = len(shape)
+        if off < 0 or snb < 0 or off + snb > seg_bytes[seg] or off % itemsize \
+                or len(stride) != ndim or soff < 0:
+            raise _bad_entry(i, r, seg_bytes[seg], itemsize)
+        try:
+            # torch's own contiguous strides, computed from the last dimension; a 1-D or 2-D
+            # tensor (nearly every weight) is checked without the loop.
+            if ndim == 1:
+                numel = shape[0]
+                contiguous = stride[0] == 1
+            elif ndim == 2:
+                numel = shape[0] * shape[1]
+                contiguous = stride[1] == 1 and stride[0] == shape[1]
+            else:
+                numel, contiguous = 1, True
+                for n, s in zip(reversed(shape), reversed(stride)):
+                    if s != numel:
+                        contiguous = False
+                    numel *= n
+            if type(numel) is not int:
+                raise TypeError
+        except TypeError:
+            raise _malformed(i, r) from None
+        if soff == 0 and contiguous and numel > 0 and numel * itemsize == snb \
+                and users[(seg, off, snb)] == 1:
+            sp.fast.append((i, dt, off, numel, None if ndim == 1 else tuple(shape)))
+        else:
+            if snb == 0 and numel != 0:
+                # an empty storage is resizable: set_ would grow it instead of refusing
+                raise _bad_entry(i, r, seg_bytes[seg], itemsize)
+            sp.slow.append((i, dt, off, snb, soff, tuple(shape), tuple(stride)))
+        if par or rg:
+            sp.flags.append((i, bool(par), bool(rg)))
     object.__setattr__(manifest, "_plan", plan)
     return plan
 
 
-def _make(ops: list[_Op], storage_at: Callable[[int, int], torch.UntypedStorage],
-          frombuffer: Callable[..., torch.Tensor] | None, seg_nbytes: int,
-          out: list[torch.Tensor | None]) -> None:
-    """Build the tensors ``ops`` describes into ``out``; ``frombuffer`` (a CPU segment's
-    buffer bound in) makes the fast-path ones, ``storage_at(off, nbytes)`` the others' storages."""
+def _make(sp: _SegmentPlan, buf: Any, storage_at: Callable[[int, int], torch.UntypedStorage],
+          seg_nbytes: int, out: list[torch.Tensor | None]) -> None:
+    """Build the tensors of one segment plan into ``out``: the fast ones with torch.frombuffer
+    on ``buf`` (a CPU segment's buffer, or None: then they too take the set_ path), the others
+    on ``storage_at(offset, nbytes)``."""
+    fast = sp.fast
+    if buf is not None:
+        fb = torch.frombuffer
+        try:
+            for i, dt, off, numel, shape in fast:
+                t = fb(buf, dtype=dt, count=numel, offset=off)
+                out[i] = t if shape is None else t.view(shape)
+        except (RuntimeError, TypeError, ValueError):
+            raise ArenaError(f"tensor {i}: shape {shape} at byte {off} does not fit its segment; "
+                             "the manifest is corrupt") from None
+        slow: list[Any] = sp.slow
+    else:
+        slow = [(i, dt, off, numel * dt.itemsize, 0, (numel,) if shape is None else shape,
+                 _contiguous_stride((numel,) if shape is None else shape))
+                for i, dt, off, numel, shape in fast] + sp.slow
     storages: dict[tuple[int, int], torch.UntypedStorage] = {}
     templates: dict[torch.dtype, torch.Tensor] = {}
-    param = torch.nn.Parameter
-    for op in ops:
-        i, dt, off, snb, soff, shape, stride, fast, par, rg = op
+    for i, dt, off, snb, soff, shape, stride in slow:
         try:
-            if fast and frombuffer is not None:
-                t = frombuffer(dtype=dt, count=fast, offset=off)
-                if len(shape) != 1:
-                    t = t.view(shape)
-            else:
-                key = (off, snb)
-                st = storages.get(key)
-                if st is None:
-                    st = storages[key] = storage_at(off, snb)
-                tmpl = templates.get(dt)
-                if tmpl is None:
-                    tmpl = templates[dt] = torch.empty(0, dtype=dt, device=st.device)
-                # set_ checks shape/stride/storage_offset against the storage, which cannot be
-                # resized (a slice of a mapping), so an overrun raises instead of allocating.
-                t = tmpl.new_empty(0).set_(st, soff, shape, stride)
+            key = (off, snb)
+            st = storages.get(key)
+            if st is None:
+                st = storages[key] = storage_at(off, snb)
+            tmpl = templates.get(dt)
+            if tmpl is None:
+                tmpl = templates[dt] = torch.empty(0, dtype=dt, device=st.device)
+            # set_ checks shape/stride/storage_offset against the storage, which cannot be
+            # resized (a slice of a mapping), so an overrun raises instead of allocating.
+            out[i] = tmpl.new_empty(0).set_(st, soff, shape, stride)
         except (RuntimeError, TypeError, ValueError):
             raise _bad_entry(i, (None, off, snb, soff, dt, shape, stride), seg_nbytes,
                              dt.itemsize) from None
+    param = torch.nn.Parameter
+    for i, par, rg in sp.flags:
+        t = out[i]
         if par:
-            t = param(t, requires_grad=rg)
+            out[i] = param(t, requires_grad=rg)
         elif rg:
-            t.requires_grad_(True)
-        out[i] = t
+            t.requires_grad_(True)   # type: ignore[union-attr]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    acc, out = 1, []
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
 
 
 def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_index: int,
@@ -721,22 +770,18 @@ def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_i
     if seg_nbytes and not base.nbytes() >= seg_nbytes:
         raise ArenaError(f"segment {segment_index} buffer holds {base.nbytes()} bytes, "
                          f"manifest expects {seg_nbytes}")
-    ops = _plan(manifest)[segment_index]
+    sp = _plan(manifest)[segment_index]
     buf = _buffer_of(base) if base.device.type == "cpu" and seg_nbytes else None
     if buf is not None:
         fb = torch.frombuffer
-
-        def frombuffer(*, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
-            return fb(buf, dtype=dtype, count=count, offset=offset)
 
         def storage_at(off: int, nbytes: int) -> torch.UntypedStorage:
             if nbytes == 0:
                 return _slice(base, slice(off, off))
             return fb(buf, dtype=torch.uint8, count=nbytes, offset=off).untyped_storage()
-        _make(ops, storage_at, frombuffer, seg_nbytes, out)
+        _make(sp, buf, storage_at, seg_nbytes, out)
     else:
-        _make(ops, lambda off, nbytes: _slice(base, slice(off, off + nbytes)), None,
-              seg_nbytes, out)
+        _make(sp, None, lambda off, nbytes: _slice(base, slice(off, off + nbytes)), seg_nbytes, out)
 
 
 def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
@@ -792,6 +837,13 @@ def build(manifest: Manifest, fds: Sequence[int | None], map_location: Any = Non
             tensors, [str(r[7]) for r in rows], map_location,
             current_devices=[_segment_device(manifest.segments[r[0]], t)
                              for r, t in zip(rows, tensors)])
+    flat = manifest._flat
+    if flat is None:   # worked out once per manifest: a repeat fetch rebuilds the dict in C
+        flat = tree.flat_plan(manifest.tree, len(tensors)) or False
+        object.__setattr__(manifest, "_flat", flat)
+    if flat:
+        cls, keys, idxs = flat
+        return cls(zip(keys, map(tensors.__getitem__, idxs)))
     with gc_paused():
         return tree.decode(manifest.tree, tensors)
 
