@@ -1,15 +1,22 @@
 """The devmapd daemon: start-up, serving, placement, pressure, shutdown.
 
-It wires the parts together and owns nothing they can own themselves:
+:class:`Daemon` composes the parts and owns only what belongs to no single one of them: the
+start-up and shutdown order, signals and config reloads, the background tasks, the watch-event
+consumer, the poll loop, the fetch leases and the event fan-out to subscribers. The parts own
+their state and are handed their dependencies:
 
-* the watcher tells it which models exist (settled, debounced);
-* the inventory backend tells it what the GPUs look like at every poll;
-* the planner (pure) decides where a model goes; the pressure module (pure)
-  decides what to demote or promote; this module only carries those out;
-* the loader reads a checkpoint once into sealed memfds (and a GPU upload);
-* the server hands versions to clients; it reaches this object only through
-  the small DaemonAPI surface (status, model_detail, fetch, release,
-  subscribe, action).
+* :class:`~devmapd.daemon.inventory.Inventory`: the device backend, its snapshot and the
+  capacity view every placement reads;
+* :class:`~devmapd.daemon.loading.LoadQueue`: the load queue, placement of one load, the read
+  and the swap of versions;
+* :class:`~devmapd.daemon.actions.Actions`: operator actions and the state file;
+* :class:`~devmapd.daemon.pressurectl.PressureController`: demotions, promotions and lost-GPU
+  evacuation (the rules themselves are the pure :mod:`devmapd.pressure`);
+* :class:`~devmapd.daemon.statusview.StatusView`: the status dicts.
+
+The watcher tells the daemon which models exist (settled, debounced); the server hands versions
+to clients and reaches the daemon only through the small DaemonAPI surface (status,
+model_detail, fetch, release, subscribe, action).
 
 Everything runs on one asyncio loop; blocking work (inspection, reads, NVML)
 runs in worker threads. Every failure of a model is that model's state with a
@@ -25,35 +32,36 @@ import itertools
 import logging
 import os
 import signal
-import socket as socketlib
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from devmapd import pressure
 from devmapd._version import __version__
 from devmapd.config import Config, ConfigError
 from devmapd.config import load as load_config
-from devmapd.daemon import handoff, names, statefile
-from devmapd.daemon.actions import ActionsMixin
-from devmapd.daemon.loading import LoadingMixin
+from devmapd.daemon import handoff, names
+from devmapd.daemon.actions import Actions
+from devmapd.daemon.inventory import Inventory
+from devmapd.daemon.loading import LoadQueue
+from devmapd.daemon.pressurectl import PressureController
 from devmapd.daemon.registry import ModelRecord, Registry
+from devmapd.daemon.statusview import StatusView
 from devmapd.daemon.watcher import ModelEvent, ModelWatcher
-from devmapd.devices import Snapshot, open_backend
 from devmapd.engine import checkpoint
 from devmapd.service import fdstore
+from devmapd.service.metrics import Metrics
+from devmapd.service.systemd import Notifier
 from devmapd.textfmt import placement_text
 
 log = logging.getLogger("devmapd")
 
-MIB = 1 << 20
 SHUTDOWN_TIMEOUT_S = 10.0
 RECENT_DECISIONS = 200
 
 
-class Daemon(LoadingMixin, ActionsMixin):
+class Daemon:
     """One running devmapd. ``await Daemon(cfg).run()`` serves until a signal stops it."""
 
     def __init__(self, cfg: Config, *, config_path: str | None = None,
@@ -67,32 +75,29 @@ class Daemon(LoadingMixin, ActionsMixin):
         cfg = self.cfg
         self.config_path = config_path
         self.model_dir = Path(cfg.model_dir).resolve()
-        self.registry = Registry()
-        self.started_at = time.time()
-        self.host = socketlib.gethostname()
-        self.snapshot: Snapshot | None = None
-        self.backend = None
-        self.server = None
+        self.notifier = Notifier.from_env()
+        self.metrics = Metrics()
+        self.server: Any = None
         self.watcher: ModelWatcher | None = None
-        self.notifier = None
-        self.metrics = None
-        self.operator_state = statefile.OperatorState()
-        self.pressure_state = pressure.PressureState()
-        self._generation = itertools.count(1)
+
+        def config() -> Config:
+            return self.cfg
+
+        # The parts, each handed what it depends on (see the module docstring).
+        self.registry = Registry()
+        self.inventory = Inventory(self.registry, config)
+        self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
+                               metrics=self.metrics)
+        self.actions = Actions(self.registry, self.loads, self.inventory, config)
+        self.pressure = PressureController(self.registry, self.inventory, self.loads, config,
+                                           on_demote=self.metrics.count_demotion)
+        self.view = StatusView(self.registry, self.inventory, config, self.model_dir, watcher=lambda: self.watcher)
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
         # The last decisions, replayed to each new subscriber so a dashboard opened late
         # still shows why every model sits where it does.
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_DECISIONS)
-        self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
-        self._load_queue: asyncio.PriorityQueue[tuple[tuple, str]] | None = None
-        self._queued: set[str] = set()
-        self._forced: dict[str, tuple[str, str]] = {}  # name -> (device, why) of a pressure move under way
-        self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
-        self._loading: set[str] = set()  # being read right now (one load per model at a time)
-        self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
-        self._gpu_released = False  # a GPU copy was dropped: collect CUDA IPC blocks at each poll
         self.metrics_server = None
         self._socket_group = cfg.server.socket_group or None
         self._exit_code = 0
@@ -104,10 +109,7 @@ class Daemon(LoadingMixin, ActionsMixin):
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         """Start, serve until stopped, shut down cleanly. Returns the exit status."""
-        from devmapd.service.systemd import Notifier
-
         loop = asyncio.get_running_loop()
-        self.notifier = Notifier.from_env()
         self._install_signals(loop)
         try:
             await self._startup(loop)
@@ -116,8 +118,9 @@ class Daemon(LoadingMixin, ActionsMixin):
             await self._shutdown()
             return 1
         self.notifier.ready(self._summary())
+        snap = self.inventory.snapshot
         log.info("devmapd %s serving %s on %s (%s backend, %d models)", __version__, self.model_dir,
-                 self.cfg.server.socket, self.snapshot.backend if self.snapshot else "?", len(self.registry))
+                 self.cfg.server.socket, snap.backend if snap else "?", len(self.registry))
         await self._stop.wait()
         self.notifier.stopping()
         log.info("stopping")
@@ -133,14 +136,10 @@ class Daemon(LoadingMixin, ActionsMixin):
 
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {self.model_dir} is not a directory")
-        self.operator_state = statefile.load(self.cfg.state_dir)
-        self.backend = open_backend(self._backend_kind(), self.cfg.devices.simulate or None)
-        self.snapshot = await asyncio.to_thread(self.backend.snapshot)
+        self.actions.load_state()
+        await self.inventory.open()
         checkpoint.register_allowed_globals(self.cfg.safety.allowed_globals)
-        if self.snapshot.backend == "nvml" and self.snapshot.gpus:
-            await asyncio.to_thread(self._match_cuda_indices)
         await self._setup_metrics()
-        self._load_queue = asyncio.PriorityQueue()
         # systemd may hand us the listening socket (socket activation) and, after a restart,
         # the sealed arenas the previous process parked in its fd store.
         from devmapd.service.systemd import LISTEN_FDNAME, listen_socket
@@ -166,7 +165,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         await asyncio.to_thread(self.watcher.start)  # its first full scan is disk I/O
         self._spawn(self._consume_watch_events(events), "watch-events")
         for i in range(self.cfg.placement.load_workers):
-            self._spawn(self._load_worker(), f"loader-{i}")
+            self._spawn(self.loads.worker(), f"loader-{i}")
         self._spawn(self._poll_loop(), "poll")
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -187,21 +186,6 @@ class Daemon(LoadingMixin, ActionsMixin):
 
         task.add_done_callback(died)
         self._tasks.append(task)
-
-    def _match_cuda_indices(self) -> None:
-        """Tell the NVML backend torch's CUDA numbering (by UUID: NVML order is not CUDA order)."""
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                log.warning("NVML sees GPUs but torch cannot use CUDA; models stay on the CPU")
-                return
-            uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
-        except Exception as exc:  # a broken CUDA install must not stop the daemon
-            log.warning("cannot match CUDA devices to NVML by UUID: %s", exc)
-            return
-        self.backend.match_torch_indices(uuids)
-        self.snapshot = self.backend.snapshot()
 
     def _restore(self, recovery: fdstore.Recovery) -> None:
         """Serve, at once and without reading the disk, what the previous process parked."""
@@ -227,15 +211,14 @@ class Daemon(LoadingMixin, ActionsMixin):
             self.registry.add(rec)
             newest = max(newest, version.generation)
             log.info("%s: restored from the fd store (%s)", name, placement_text(version.placement))
-        self._generation = itertools.count(newest + 1)
+        self.loads.generations_after(newest)
 
     def _new_record(self, name: str, source: Any, fingerprint: tuple | None) -> ModelRecord:
         """A record for a model just found, with its persisted pin/remap and its rule applied."""
         rule = self.cfg.rule_for(name)
         rec = ModelRecord(name=name, path=str(source.path), source=source, fingerprint=fingerprint,
                           lazy=bool(rule and rule.preload == "lazy"))
-        rec.pin = self.operator_state.pins.get(name) or (rule.pin if rule and rule.pin else None)
-        rec.target = self.operator_state.targets.get(name)
+        self.actions.apply_to(rec, rule)
         return rec
 
     async def _shutdown(self) -> None:
@@ -255,8 +238,7 @@ class Daemon(LoadingMixin, ActionsMixin):
                 rec.serving = None
         if self.metrics_server is not None:
             await self.metrics_server.close()
-        if self.backend is not None:
-            self.backend.close()
+        self.inventory.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -308,11 +290,6 @@ class Daemon(LoadingMixin, ActionsMixin):
             if self.notifier is not None:
                 self.notifier.ready(self._summary())  # RELOADING=1 is always answered
 
-    def _backend_kind(self) -> str:
-        if self.cfg.devices.simulate:
-            return "simulated"
-        return self.cfg.devices.backend
-
     def _server_options(self, cfg: Config | None = None) -> dict[str, Any]:
         from devmapd.wire.peercred import AccessPolicy
 
@@ -324,9 +301,8 @@ class Daemon(LoadingMixin, ActionsMixin):
                 "max_conns_per_uid": s.max_connections_per_uid, "request_timeout_s": s.fetch_timeout_s}
 
     async def _setup_metrics(self) -> None:
-        from devmapd.service.metrics import Metrics, MetricsHTTPServer
+        from devmapd.service.metrics import MetricsHTTPServer
 
-        self.metrics = Metrics()
         listen = self.cfg.metrics.listen
         if listen:
             host, _, port = listen.rpartition(":")
@@ -365,66 +341,18 @@ class Daemon(LoadingMixin, ActionsMixin):
 
         return queue, unsubscribe
 
-    # ------------------------------------------------------------------ status
-    def _device_status(self) -> list[dict[str, Any]]:
-        snap = self.snapshot
-        if snap is None:
-            return []
-        held = self._held()
-        reserve = self.cfg.devices.reserve_mib * MIB
-        out = []
-        for dev in (*snap.gpus, snap.host):
-            out.append({
-                "id": dev.id, "uuid": dev.uuid, "name": dev.name, "kind": dev.kind,
-                "total": dev.total, "free": dev.free, "used": dev.used,
-                "simulated": dev.simulated, "lost": dev.lost, "error": dev.error,
-                "utilization": dev.utilization, "held": held.get(dev.id, 0),
-                "reserve": reserve if dev.kind == "gpu" else 0,
-                "processes": [{"pid": p.pid, "used": p.used, "name": p.name} for p in dev.processes],
-            })
-        return out
-
+    # ------------------------------------------------------------------ DaemonAPI: status, action
     def status(self) -> dict[str, Any]:
-        snap = self.snapshot
-        return {
-            "daemon": {
-                "version": __version__, "pid": os.getpid(), "host": self.host,
-                "socket": self.cfg.server.socket, "backend": snap.backend if snap else None,
-                "model_dir": str(self.model_dir), "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "warning": snap.warning if snap else None,
-                "watcher": getattr(self.watcher, "backend", None),
-                "watcher_fallback": getattr(self.watcher, "fallback_reason", None),
-                # Files in the model dir that are not served, and why (escaping symlinks, FIFOs,
-                # name clashes); HF directories still waiting for shards.
-                "problems": dict(getattr(self.watcher, "problems", None) or {}),
-                "pending": {str(k): str(v) for k, v in (getattr(self.watcher, "pending", None) or {}).items()},
-            },
-            "devices": self._device_status(),
-            "models": [rec.to_status() for rec in self.registry.records()],
-        }
+        return self.view.status()
 
     def model_detail(self, name: str) -> dict[str, Any]:
-        from devmapd.wire.protocol import ApiError
+        return self.view.model_detail(name)
 
-        rec = self.registry.get(name)
-        if rec is None:
-            raise ApiError("not_found", f"no model named {name!r} (see `devmapd status`)")
-        detail = rec.to_status()
-        insp = rec.inspection
-        detail["inspection"] = insp.to_json() if insp is not None else None
-        detail["summary"] = checkpoint.summary(insp) if insp is not None else None
-        return detail
+    async def action(self, op: str, args: dict[str, Any], peer: Any) -> dict[str, Any]:
+        return await self.actions.action(op, args, peer)
 
     def _summary(self) -> str:
-        counts = self.registry.counts()
-        gpus = len(self.snapshot.gpus) if self.snapshot else 0
-        parts = [f"{counts['ready']} models ready"]
-        for state in ("loading", "queued", "failed", "evicted"):
-            if counts[state]:
-                parts.append(f"{counts[state]} {state}")
-        parts.append(f"{gpus} GPU{'s' if gpus != 1 else ''}")
-        return ", ".join(parts)
+        return self.view.summary()
 
     # ------------------------------------------------------------------ watching
     async def _consume_watch_events(self, events: asyncio.Queue[ModelEvent]) -> None:
@@ -452,13 +380,13 @@ class Daemon(LoadingMixin, ActionsMixin):
             self.registry.transition(rec, "queued", f"{rec.name}: registered; lazy, loads on first fetch",
                                      reason="lazy: loads on first fetch")
             return
-        self._enqueue(rec, f"{rec.name}: queued for loading")
+        self.loads.enqueue(rec, f"{rec.name}: queued for loading")
 
     def _on_deleted(self, name: str) -> None:
         rec = self.registry.get(name)
         if rec is None:
             return
-        self._drop_version(rec)
+        self.loads.drop_version(rec)
         self.registry.remove(name, f"{name}: file removed; unloaded")
 
     # ------------------------------------------------------------------ polling & pressure
@@ -470,15 +398,14 @@ class Daemon(LoadingMixin, ActionsMixin):
         last_summary = ""
         while True:
             try:
-                self._update_simulated_held()
-                self.snapshot = await asyncio.to_thread(self.backend.snapshot)
-                devices = self._device_status()
+                await self.inventory.refresh()
+                devices = self.inventory.device_status()
                 fingerprint = [(d["id"], d["free"], d["used"], d["lost"], d["error"], d["held"]) for d in devices]
                 if fingerprint != last_devices:
                     last_devices = fingerprint
                     self.registry.emit({"type": "devices", "devices": devices, "message": "devices updated"})
-                self._apply_pressure()
-                if self._gpu_released:
+                self.pressure.poll()
+                if self.loads.gpu_released:
                     # torch frees an exported CUDA block only once its importers let go and
                     # ipc_collect runs: do it every poll so NVML shows the memory come back.
                     from devmapd.gpu import cuda_share
@@ -499,61 +426,6 @@ class Daemon(LoadingMixin, ActionsMixin):
             except Exception:
                 log.exception("poll failed; retrying next interval")
             await asyncio.sleep(interval)
-
-    def _evacuate_lost(self) -> None:
-        """Models on a GPU that fell off the bus are read again onto a device that is there."""
-        lost = {d.id: d.error or "lost" for d in (self.snapshot.gpus if self.snapshot else ()) if d.lost}
-        if not lost:
-            return
-        for rec in self.registry.records():
-            gone = [dev for dev in rec.placement if dev in lost]
-            if not gone or rec.state != "ready" or rec.name in self._queued or rec.name in self._loading:
-                continue
-            where = ", ".join(gone)
-            # "" = no target: the planner picks a device that is there.
-            self._move(rec, "demoted", where, "", f"{where} was lost ({lost[gone[0]]})")
-
-    def _apply_pressure(self) -> None:
-        snap = self.snapshot
-        if snap is None or not snap.gpus:
-            return
-        self._evacuate_lost()
-        holdings = []
-        for rec in self.registry.records():
-            if rec.state != "ready" or rec.serving is None:
-                continue
-            for device, nbytes in rec.placement.items():
-                holdings.append(pressure.Holding(name=rec.name, device=device, bytes=nbytes,
-                                                 # never fetched = least recently fetched (ties go biggest-first)
-                                                 last_fetch=rec.last_fetch or 0.0,
-                                                 pinned=rec.pin is not None, home=rec.home))
-        gpus, _host = self._capacities()
-        p = self.cfg.pressure
-        marks = pressure.Watermarks(low=p.low_watermark_mib * MIB, high=p.high_watermark_mib * MIB,
-                                    cooldown_s=p.cooldown_s)
-        moves, self.pressure_state = pressure.evaluate(gpus, holdings, self.pressure_state, time.time(), marks,
-                                                       self._policy())
-        for move in moves:
-            rec = self.registry.get(move.name)
-            if rec is None or rec.name in self._queued or rec.state == "loading":
-                continue
-            promoting = rec.home is not None and move.target == rec.home
-            rec.home = None if promoting else (rec.home or move.source)
-            self._move(rec, "promoted" if promoting else "demoted", move.source, move.target, move.reason)
-
-    def _move(self, rec: ModelRecord, action: str, source: str, target: str, why: str) -> None:
-        """Carry out a move decided here (pressure, a lost GPU): read the model again onto ``target``.
-
-        The current version keeps serving until the new one is ready; ``why`` becomes the
-        model's reason once it lands.
-        """
-        self._forced[rec.name] = (target, f"{action} from {source}: {why}")
-        if self.metrics is not None and action == "demoted":
-            self.metrics.count_demotion(rec.name)
-        arrow = f"{source} -> {target}" if target else f"off {source}"
-        self.registry.decision(rec, action, f"{rec.name}: {action} {arrow}: {why}", source=source,
-                               target=target or None)
-        self._enqueue(rec, f"{rec.name}: moving {arrow}")
 
     def _write_metrics(self) -> None:
         if self.metrics is None or not self.cfg.metrics.textfile:
@@ -576,11 +448,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         if rec.serving is None:
             if rec.state == "failed" and rec.diagnosis is not None:
                 raise ApiError("unavailable", f"{name} failed to load: {rec.diagnosis.message}")
-            self._on_demand.add(name)
-            if rec.name not in self._queued and rec.state != "loading":
-                self._enqueue(rec, f"{name}: loading on first fetch")
-            event = self._pending.setdefault(name, asyncio.Event())
-            await event.wait()
+            await self.loads.load_now(rec, f"{name}: loading on first fetch")
             rec = self.registry.get(name)
             if rec is None or rec.serving is None:
                 why = rec.diagnosis.message if rec is not None and rec.diagnosis else (rec.reason if rec else "removed")
@@ -591,8 +459,7 @@ class Daemon(LoadingMixin, ActionsMixin):
         rec.leases[lease] = version.generation
         rec.fetches += 1
         rec.last_fetch = time.time()
-        if self.metrics is not None:
-            self.metrics.observe_fetch(name, time.perf_counter() - started)
+        self.metrics.observe_fetch(name, time.perf_counter() - started)
         self.registry.changed(rec, f"{name}: fetched by pid {getattr(peer, 'pid', '?')} (uid {getattr(peer, 'uid', '?')})")
         return FetchGrant(manifest=version.manifest_for_client(), fds=version.fds, lease=lease,
                           model=rec.to_status(), manifest_json=version.manifest_json)

@@ -1,10 +1,19 @@
-"""The daemon's load pipeline: queue, placement decision, read, swap.
+"""The load queue: which model loads next, where it goes, reading it, and swapping it in.
 
-A mixin of :class:`devmapd.daemon.Daemon` (it shares the daemon's registry,
-config and inventory). The rules it keeps:
+:class:`LoadQueue` owns everything about getting a model from its file into a served
+version: the priority queue and the set of names in it, the events fetches wait on, the loads
+in flight, the attempt tokens' use, the bytes in-flight loads have been planned onto, the
+pressure moves under way (target and why) and the version generations. Other parts ask it
+through its public methods (``enqueue``, ``load_now``, ``request_move``, ``cancel_move``,
+``drop_version``, ``busy``); none of them touches its state. Its dependencies come in: the
+registry (records and their state machine), a :class:`~devmapd.daemon.inventory.Capacity`
+(what each device has and holds), a config getter, the systemd notifier (fd store) and the
+metrics.
+
+The rules it keeps:
 
 * one load of a model at a time: a request that arrives while the model is
-  loading runs once more after it (``_rerun``), never beside it;
+  loading runs once more after it, never beside it;
 * every load attempt carries a token (``ModelRecord.attempt``); evicting or
   deleting a model bumps it, and an attempt that finds its token stale drops
   what it read instead of installing it;
@@ -17,15 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from devmapd import planner
+from devmapd.config import Config
 from devmapd.daemon import handoff
+from devmapd.daemon.inventory import Capacity
 from devmapd.daemon.loader import ServedVersion, load_version
-from devmapd.daemon.registry import ModelRecord, TransitionError
+from devmapd.daemon.registry import ModelRecord, Registry, TransitionError
 from devmapd.engine import checkpoint
 from devmapd.textfmt import placement_text
 
@@ -34,35 +47,89 @@ log = logging.getLogger("devmapd")
 MIB = 1 << 20
 
 
-class LoadingMixin:
+class LoadQueue:
     """Queueing, placing and reading models (see the module docstring)."""
 
+    def __init__(self, registry: Registry, capacity: Capacity, config: Callable[[], Config], model_dir: Path, *,
+                 notifier: Any = None, metrics: Any = None) -> None:
+        self._registry = registry
+        self._capacity = capacity
+        self._config = config  # a getter: the config changes on SIGHUP
+        self._model_dir = model_dir
+        self._notifier = notifier  # systemd's fd store keeps each served version across restarts
+        self._metrics = metrics
+        self._heap: asyncio.PriorityQueue[tuple[tuple, str]] = asyncio.PriorityQueue()
+        self._queued: set[str] = set()  # names in the heap (each at most once)
+        self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
+        self._forced: dict[str, tuple[str, str]] = {}  # name -> (device, why) of a pressure move under way
+        self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
+        self._loading: set[str] = set()  # being read right now (one load per model at a time)
+        self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
+        self._generation = itertools.count(1)
+        self.gpu_released = False  # a GPU copy was dropped: the poll loop collects CUDA IPC blocks
+
+    # ------------------------------------------------------------------ asking
+    def busy(self, name: str) -> bool:
+        """Queued or loading: a move decided now would race the load already coming."""
+        return name in self._queued or name in self._loading
+
+    def queued(self) -> list[str]:
+        return sorted(self._queued)
+
+    def generations_after(self, newest: int) -> None:
+        """Versions restored from the fd store used generations up to ``newest``: go on from there."""
+        self._generation = itertools.count(newest + 1)
+
     # ------------------------------------------------------------------ queue
-    def _enqueue(self, rec: ModelRecord, message: str) -> None:
-        assert self._load_queue is not None
+    def enqueue(self, rec: ModelRecord, message: str) -> None:
+        """Queue a load of ``rec`` (once: a model already queued keeps its place)."""
         if rec.state not in ("loading", "queued"):
-            self.registry.transition(rec, "queued", message, progress=None)
+            self._registry.transition(rec, "queued", message, progress=None)
         if rec.name not in self._queued:
             self._queued.add(rec.name)
             self._pending.setdefault(rec.name, asyncio.Event())
-            self._load_queue.put_nowait((self._load_order(rec), rec.name))
+            self._heap.put_nowait((self._load_order(rec), rec.name))
+
+    def request_move(self, rec: ModelRecord, target: str, why: str, message: str) -> None:
+        """Read ``rec`` again onto ``target`` ("" = wherever the planner finds room); ``why`` becomes
+        its reason once it lands. The current version keeps serving meanwhile."""
+        self._forced[rec.name] = (target, why)
+        self.enqueue(rec, message)
+
+    def cancel_move(self, name: str) -> None:
+        """An operator's decision replaces a pressure move under way."""
+        self._forced.pop(name, None)
+
+    async def load_now(self, rec: ModelRecord, message: str) -> None:
+        """Load ``rec`` for a waiting fetch (past the host cap if need be); return when the attempt ends."""
+        name = rec.name
+        self._on_demand.add(name)
+        if name not in self._queued and rec.state != "loading":
+            self.enqueue(rec, message)
+        event = self._pending.setdefault(name, asyncio.Event())
+        await event.wait()
 
     def _load_order(self, rec: ModelRecord) -> tuple:
         """Priority-queue key: bigger-first (sizes from the fingerprint, no I/O) or by name."""
-        if self.cfg.placement.preload_order != "bigger-first":
+        if self._config().placement.preload_order != "bigger-first":
             return (rec.name,)
         size = sum(int(f[1]) for f in rec.fingerprint) if rec.fingerprint else 0
         return (-size, rec.name)
 
-    async def _load_worker(self) -> None:
-        assert self._load_queue is not None
+    async def next_name(self) -> str:
+        """The next model to load (it leaves the queue)."""
+        _order, name = await self._heap.get()
+        self._queued.discard(name)
+        return name
+
+    async def worker(self) -> None:
+        """One load worker: runs until cancelled; the daemon starts ``load_workers`` of them."""
         while True:
-            name = await self._next_to_load()
-            self._queued.discard(name)
+            name = await self.next_name()
             if name in self._loading:
                 self._rerun.add(name)  # another worker is on it: run once more after that one
                 continue
-            rec = self.registry.get(name)
+            rec = self._registry.get(name)
             if rec is None or (rec.state == "evicted" and name not in self._on_demand):
                 self._wake(name)  # evicted (or removed) while it waited in the queue
                 continue
@@ -71,17 +138,17 @@ class LoadingMixin:
                 await self._load(rec)
             except Exception as exc:  # a bug in one load must not take a worker down
                 log.exception("%s: unexpected error while loading", name)
-                if self.registry.get(name) is rec and rec.state == "loading":
+                if self._registry.get(name) is rec and rec.state == "loading":
                     with contextlib.suppress(TransitionError):
-                        self.registry.transition(rec, "ready" if rec.serving else "failed",
-                                                 f"{name}: load failed: {exc}", error=str(exc), progress=None)
+                        self._registry.transition(rec, "ready" if rec.serving else "failed",
+                                                  f"{name}: load failed: {exc}", error=str(exc), progress=None)
             finally:
                 self._loading.discard(name)
                 rec.planned = {}
                 self._forced.pop(name, None)
-                if name in self._rerun and self.registry.get(name) is rec:
+                if name in self._rerun and self._registry.get(name) is rec:
                     self._rerun.discard(name)
-                    self._enqueue(rec, f"{name}: loading again (asked for while it loaded)")
+                    self.enqueue(rec, f"{name}: loading again (asked for while it loaded)")
                 self._rerun.discard(name)
                 if name not in self._queued:
                     self._wake(name)
@@ -93,34 +160,30 @@ class LoadingMixin:
         if done is not None:
             done.set()
 
-    async def _next_to_load(self) -> str:
-        assert self._load_queue is not None
-        _order, name = await self._load_queue.get()
-        return name
-
     # ------------------------------------------------------------------ one load
     def _read_options(self, rec: ModelRecord) -> checkpoint.ReadOptions:
-        rule = self.cfg.rule_for(rec.name)
-        n, s = self.cfg.normalize, self.cfg.safety
+        cfg = self._config()
+        rule = cfg.rule_for(rec.name)
+        n, s = cfg.normalize, cfg.safety
         return checkpoint.ReadOptions(
             strip_prefixes=n.strip_prefixes,
             cpu_upcast_half=n.cpu_upcast_half,
             gpu_dtype=(rule.dtype if rule and rule.dtype else n.gpu_dtype) or None,
             max_header_bytes=s.max_header_mib * MIB,
             max_tensors=s.max_tensors,
-            memory_limit=self._host_free(),
-            root=str(self.model_dir),
+            memory_limit=self._capacity.host_free(),
+            root=str(self._model_dir),
         )
 
     def _still_wanted(self, rec: ModelRecord, attempt: int) -> bool:
-        return self.registry.get(rec.name) is rec and rec.attempt == attempt and rec.state == "loading"
+        return self._registry.get(rec.name) is rec and rec.attempt == attempt and rec.state == "loading"
 
     async def _load(self, rec: ModelRecord) -> None:
         name = rec.name
         rec.attempt += 1
         attempt = rec.attempt
-        self.registry.transition(rec, "loading", f"{name}: inspecting {rec.path}", progress=0.0)
-        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self.model_dir))
+        self._registry.transition(rec, "loading", f"{name}: inspecting {rec.path}", progress=0.0)
+        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir))
         if not self._still_wanted(rec, attempt):
             return  # evicted or removed while we inspected
         if insp.diagnosis is not None:
@@ -128,17 +191,17 @@ class LoadingMixin:
             return
         rec.inspection = insp
         placement = self._place(rec, insp)
-        if placement.kind == "deferred" and name in self._on_demand and insp.bytes < self._host_free():
+        if placement.kind == "deferred" and name in self._on_demand and insp.bytes < self._capacity.host_free():
             # "Beyond the host cap, models stay registered and load on first fetch": a fetch is waiting.
             placement = planner.Placement(name=name, kind="cpu", devices=(("cpu", insp.bytes),),
                                           reason=f"loaded on demand past the host memory cap ({placement.reason})")
         if placement.kind == "deferred":
             if rec.serving is not None:  # a move that cannot happen now: keep serving where it is
-                self.registry.transition(rec, "ready", f"{name}: move deferred: {placement.reason}",
-                                         progress=None, reason=f"move deferred: {placement.reason}")
+                self._registry.transition(rec, "ready", f"{name}: move deferred: {placement.reason}",
+                                          progress=None, reason=f"move deferred: {placement.reason}")
             else:
-                self.registry.transition(rec, "queued", f"{name}: not loaded now: {placement.reason}",
-                                         reason=placement.reason, progress=None)
+                self._registry.transition(rec, "queued", f"{name}: not loaded now: {placement.reason}",
+                                          reason=placement.reason, progress=None)
             return
         rec.planned = dict(placement.devices)
         generation = next(self._generation)
@@ -155,7 +218,7 @@ class LoadingMixin:
         try:
             version = await asyncio.to_thread(
                 load_version, rec.source, generation, self._read_options(rec), device_of=self._device_of(placement),
-                cuda_index_of=self._cuda_index_of, keep_host_copy=self.cfg.placement.keep_host_copy,
+                cuda_index_of=self._capacity.cuda_index_of, keep_host_copy=self._config().placement.keep_host_copy,
                 progress=progress)
         except checkpoint.CheckpointError as exc:
             if self._still_wanted(rec, attempt):
@@ -175,96 +238,61 @@ class LoadingMixin:
         rec.generation = version.generation
         rec.fingerprint = version.fingerprint or rec.fingerprint
         rec.planned = {}
-        if self.metrics is not None:
-            self.metrics.observe_load(name, elapsed)
+        if self._metrics is not None:
+            self._metrics.observe_load(name, elapsed)
         reason = self._forced.get(name, (None, placement.reason))[1]  # a pressure move says why it moved
         where = placement_text(version.placement)
-        self.registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({reason})",
-                                 placement=dict(version.placement), load_time_s=elapsed, loaded_at=time.time(),
-                                 progress=None, error=None, diagnosis=None, reason=reason)
-        self.registry.decision(rec, "placed", f"{name}: placed on {where}: {reason}",
-                               target=",".join(sorted(version.placement)))
-        previously_parked, rec.stored = rec.stored, handoff.park(self.notifier, name, version)
-        handoff.unpark(self.notifier, previously_parked)
+        self._registry.transition(rec, "ready", f"{name}: ready on {where} in {elapsed:.2f}s ({reason})",
+                                  placement=dict(version.placement), load_time_s=elapsed, loaded_at=time.time(),
+                                  progress=None, error=None, diagnosis=None, reason=reason)
+        self._registry.decision(rec, "placed", f"{name}: placed on {where}: {reason}",
+                                target=",".join(sorted(version.placement)))
+        previously_parked, rec.stored = rec.stored, handoff.park(self._notifier, name, version)
+        handoff.unpark(self._notifier, previously_parked)
         if old is not None:
-            self._retire(old)
-        self._update_simulated_held()
+            self.retire(old)
+        self._capacity.holdings_changed()
 
-    def _retire(self, version: ServedVersion) -> None:
+    def retire(self, version: ServedVersion) -> None:
         if version.gpu_segments:
-            self._gpu_released = True  # poll loop collects CUDA IPC blocks once importers let go
+            self.gpu_released = True  # poll loop collects CUDA IPC blocks once importers let go
         version.close()
 
-    def _drop_version(self, rec: ModelRecord) -> None:
+    def drop_version(self, rec: ModelRecord) -> None:
         """Forget ``rec``'s memory (evict, delete): cancel its load, close its version, unpark it."""
         rec.attempt += 1  # an in-flight load of it now drops what it reads
         if rec.serving is not None:
-            self._retire(rec.serving)
+            self.retire(rec.serving)
             rec.serving = None
-        handoff.unpark(self.notifier, rec.stored)
+        handoff.unpark(self._notifier, rec.stored)
         rec.stored = []
         rec.placement = {}
         self._forced.pop(rec.name, None)
-        self._update_simulated_held()
+        self._capacity.holdings_changed()
 
     def _progress(self, rec: ModelRecord, attempt: int, frac: float) -> None:
         if self._still_wanted(rec, attempt):
             rec.progress = round(frac, 3)
-            self.registry.changed(rec, f"{rec.name}: loading {frac:.0%}")
+            self._registry.changed(rec, f"{rec.name}: loading {frac:.0%}")
 
     def _fail(self, rec: ModelRecord, diagnosis: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.count_failure(rec.name)
+        if self._metrics is not None:
+            self._metrics.count_failure(rec.name)
         if rec.serving is not None:
             # The previous version keeps serving; say why the new one was refused.
-            self.registry.transition(rec, "ready", f"{rec.name}: new version refused, previous one keeps serving: "
-                                     f"{diagnosis.message}", error=diagnosis.message, diagnosis=diagnosis, progress=None)
+            self._registry.transition(rec, "ready", f"{rec.name}: new version refused, previous one keeps serving: "
+                                      f"{diagnosis.message}", error=diagnosis.message, diagnosis=diagnosis, progress=None)
         else:
             if diagnosis.code == "outside_model_dir":
                 rec.inspection = None  # never show what lies outside the model directory
-            self.registry.transition(rec, "failed", f"{rec.name}: failed: {diagnosis.message}",
-                                     error=diagnosis.message, diagnosis=diagnosis, progress=None, placement={})
-        self.registry.decision(rec, "failed", f"{rec.name}: {diagnosis.code}: {diagnosis.message}")
+            self._registry.transition(rec, "failed", f"{rec.name}: failed: {diagnosis.message}",
+                                      error=diagnosis.message, diagnosis=diagnosis, progress=None, placement={})
+        self._registry.decision(rec, "failed", f"{rec.name}: {diagnosis.code}: {diagnosis.message}")
 
     # ------------------------------------------------------------------ placement
-    def _host_free(self) -> int:
-        snap = self.snapshot
-        return snap.host.free if snap is not None else 0
-
-    def _host_cap(self) -> int:
-        cap = self.cfg.placement.host_memory_cap_mib * MIB
-        if cap:
-            return cap
-        total = self.snapshot.host.total if self.snapshot is not None else 0
-        return total // 2
-
-    def _held(self) -> dict[str, int]:
-        """Bytes devmapd's serving versions occupy per device (what the hardware sees)."""
-        held: dict[str, int] = {}
-        for rec in self.registry.records():
-            for device, nbytes in rec.placement.items():
-                held[device] = held.get(device, 0) + nbytes
-        return held
-
-    def _capacities(self) -> tuple[list[planner.DeviceCapacity], planner.DeviceCapacity]:
-        snap = self.snapshot
-        assert snap is not None
-        held = self._held()
-        # A device whose NVML calls hang (error set) shows stale numbers: place nothing new there.
-        gpus = [planner.DeviceCapacity(id=d.id, total=d.total, free=d.free, held=held.get(d.id, 0),
-                                       lost=d.lost or d.error is not None)
-                for d in snap.gpus]
-        host = planner.DeviceCapacity(id="cpu", total=snap.host.total, free=snap.host.free, held=held.get("cpu", 0))
-        return gpus, host
-
-    def _policy(self) -> planner.Policy:
-        d, p = self.cfg.devices, self.cfg.placement
-        return planner.Policy(mode=p.policy, reserve=d.reserve_mib * MIB, max_fraction=d.max_fraction,
-                              overhead=d.overhead, host_cap=self._host_cap(), allow_split=p.allow_split)
-
     def _demand(self, rec: ModelRecord, insp: Any) -> planner.ModelDemand:
         """What the model being placed asks for (pins, remap target, rules, a pressure move)."""
-        rule = self.cfg.rule_for(rec.name)
+        rule = self._config().rule_for(rec.name)
         preferred: tuple[str, ...] = ()
         if rec.target and rec.target != "auto":
             preferred = (rec.target,)
@@ -286,7 +314,7 @@ class LoadingMixin:
 
     def _place(self, rec: ModelRecord, insp: Any) -> planner.Placement:
         """Where this model goes now; every other model keeps what it occupies."""
-        gpus, host = self._capacities()
+        gpus, host = self._capacity.capacities()
         if rec.placement:  # a move: its current copy is about to be replaced, do not charge it twice
             gpus = [planner.DeviceCapacity(id=g.id, total=g.total, free=g.free + rec.placement.get(g.id, 0),
                                            held=max(0, g.held - rec.placement.get(g.id, 0)), lost=g.lost)
@@ -294,7 +322,7 @@ class LoadingMixin:
         # Every other model stays where it is, so the planner only needs what they occupy per
         # device: one stand-in per device keeps each placement O(devices), not O(models).
         occupied: dict[str, int] = {}
-        for other in self.registry.records():
+        for other in self._registry.records():
             if other is not rec:
                 for device, nbytes in self._occupied_by(other).items():
                     occupied[device] = occupied.get(device, 0) + nbytes
@@ -302,7 +330,7 @@ class LoadingMixin:
         demands += [planner.ModelDemand(name=f"\0occupied {device}", bytes=nbytes, current=((device, nbytes),),
                                         pin=device)
                     for device, nbytes in sorted(occupied.items()) if nbytes]
-        return planner.plan(gpus, host, demands, self._policy())[rec.name]
+        return planner.plan(gpus, host, demands, self._capacity.policy())[rec.name]
 
     @staticmethod
     def _device_of(placement: planner.Placement) -> Callable[[str], str]:
@@ -315,19 +343,3 @@ class LoadingMixin:
             return lambda key_path: groups.get(group_of(key_path), fallback)
         only = next(iter(devices), "cpu")
         return lambda _key: only
-
-    def _cuda_index_of(self, device_id: str) -> int | None:
-        """Torch index of a REAL GPU id; None for the CPU and simulated GPUs (they stay memfds)."""
-        snap = self.snapshot
-        if snap is None or snap.backend != "nvml" or device_id == "cpu":
-            return None
-        for dev in snap.gpus:
-            if dev.id == device_id and not dev.simulated:
-                return dev.index
-        return None
-
-    def _update_simulated_held(self) -> None:
-        # Simulated "GPU" tensors live in host memory; tell the backend what we hold so its
-        # free memory looks like what NVML would show.
-        if self.backend is not None and hasattr(self.backend, "set_held"):
-            self.backend.set_held(self._held())
