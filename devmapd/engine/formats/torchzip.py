@@ -29,8 +29,8 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
         if "not a zip file" in str(e).lower() or "truncated" in str(e).lower():
             raise diagnose.truncated(path, f"zip: {e}") from None
         raise diagnose.corrupt(path, f"bad zip archive: {e}") from None
-    except (OSError, ValueError, struct.error) as e:
-        raise diagnose.corrupt(path, f"bad zip archive: {e}") from None
+    except _ZIP_ERRORS as e:
+        raise diagnose.corrupt(path, f"bad zip archive: {type(e).__name__}: {e}") from None
     infos = zf.infolist()
     names = [i.filename for i in infos]
     if is_torchscript(names):
@@ -61,10 +61,7 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     if byteorder not in (None, b"little"):
         raise diagnose.unsupported(path, f"a checkpoint saved on a {byteorder!r}-endian machine",
                                    "re-save it on a little-endian machine")
-    try:
-        data = zf.read(pkl)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise diagnose.corrupt(path, f"data.pkl cannot be read: {e}") from None
+    data = _read_member(zf, pkl, path)
     collector = StorageCollector(path, max_tensors)
     obj = load_pickle(io.BytesIO(data), path, collector)
     recs = list(collector.records.values())
@@ -80,12 +77,26 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     return Parsed("torch-zip", obj, recs, [f])
 
 
+# What zipfile raises on a damaged archive or member (bad headers, CRC, cut-off data, names
+# that do not decode, features it lacks): every one of them is a damaged file, never our bug.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError,
+               zipfile.LargeZipFile)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
+    """Every member we read goes through here, so a damaged one is always ``corrupt``."""
+    try:
+        return zf.read(info)
+    except _ZIP_ERRORS as e:
+        raise diagnose.corrupt(path, f"zip member {info.filename} cannot be read: {type(e).__name__}: {e}") from None
+
+
 def _small_record(zf: zipfile.ZipFile, info, path: str) -> bytes | None:
     if info is None:
         return None
     if info.file_size > 64:
         raise diagnose.corrupt(path, f"record {info.filename} is implausibly large")
-    return zf.read(info)
+    return _read_member(zf, info, path)
 
 
 def _data_offset(f: OpenedFile, info: zipfile.ZipInfo) -> int:
