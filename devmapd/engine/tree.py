@@ -129,18 +129,23 @@ class TreeTooLarge(TreeError):
         super().__init__(f"the structure expands to more than {limit} {what} through shared references")
 
 
-_LEAVES = (type(None), bool, int, float, str, bytes, bytearray, complex)
+_LEAVES = frozenset((type(None), bool, int, float, str, bytes, bytearray, complex))
+# Leaves whose count alone (plus string lengths) is their measure, for the one-pass fast path.
+_FLAT = frozenset((type(None), bool, float, str, torch.Tensor, torch.nn.Parameter))
+_STR = {str}
+_INT = {int}
 
 
 def _leaf_bytes(obj: Any, t: type) -> int:
-    """What a leaf adds to the encoded text, roughly: its characters, base64 of its bytes, digits."""
+    """A leaf's payload in the encoded text: its characters, base64 of its bytes, its digits; fixed-size
+    leaves (None, bools, floats, tensor references) are counted as nodes only."""
     if t is str:
         return len(obj)
     if t is bytes or t is bytearray:
         return (len(obj) + 2) // 3 * 4
     if t is int:
         return obj.bit_length() // 3 + 1   # >= the number of decimal digits
-    return 8
+    return 0
 
 
 def measure(obj: Any, *, max_nodes: int, max_bytes: int) -> tuple[int, int]:
@@ -168,22 +173,31 @@ def measure(obj: Any, *, max_nodes: int, max_bytes: int) -> tuple[int, int]:
             nbytes += _leaf_bytes(node, t)
         else:
             if isinstance(node, dict):
-                children: Any = list(node.keys()) + list(node.values())
+                parts: tuple = (node.keys(), node.values())
             elif isinstance(node, (list, tuple, set, frozenset)):
-                children = node
+                parts = (node,)
             else:
-                children = ()
-            # Leaves inline (most of a state dict: keys and tensors); containers on the stack.
-            for child in children:
-                ct = type(child)
-                if ct is str:
-                    nodes += 1
-                    nbytes += len(child)
-                elif ct in leaves or isinstance(child, tensor):
-                    nodes += 1
-                    nbytes += _leaf_bytes(child, ct)
-                else:
-                    stack.append(child)
+                parts = ()
+            for part in parts:
+                kinds = set(map(type, part))   # one C pass: most containers hold one kind of leaf
+                if kinds <= _FLAT:             # keys of a state dict, its tensors, lists of floats
+                    nodes += len(part)
+                    if kinds == _STR:
+                        nbytes += sum(map(len, part))
+                    elif str in kinds:
+                        nbytes += sum(len(c) for c in part if type(c) is str)
+                    continue
+                if kinds == _INT:              # an optimizer's parameter ids
+                    nodes += len(part)
+                    nbytes += sum(map(int.bit_length, part)) // 3 + len(part)
+                    continue
+                for child in part:             # mixed: leaves counted here, containers stacked
+                    ct = type(child)
+                    if ct in leaves or isinstance(child, tensor):
+                        nodes += 1
+                        nbytes += _leaf_bytes(child, ct)
+                    else:
+                        stack.append(child)
         if nodes > max_nodes:
             raise TreeTooLarge("objects", max_nodes)
         if nbytes > max_bytes:

@@ -221,3 +221,25 @@ def test_side_file_json_reads_only_small_regular_files_inside(tmp_path: Path) ->
     assert code("deep.json", root=str(root)) == "corrupt"
     with pytest.raises(ValueError, match="plain file name"):
         checkpoint.side_file_json(d, "../config.json")
+
+
+def test_measure_counts_every_reference_and_is_bounded_by_its_caps() -> None:
+    """tree.measure: a shared object counts each time it is reached, a reference cycle runs into the
+    cap instead of looping, and an honest state dict of 100k tensors fits the default caps."""
+    from devmapd.engine import checkpoint, tree
+
+    s = "y" * 1000
+    assert tree.measure([s, s, s], max_nodes=10, max_bytes=3000) == (4, 3000)
+    with pytest.raises(tree.TreeTooLarge, match="3000 bytes"):
+        tree.measure([s, s, s, s], max_nodes=10, max_bytes=3000)
+    inner = [1, 2]
+    assert tree.measure({"a": inner, "b": inner}, max_nodes=100, max_bytes=100)[0] == 1 + 2 + 2 * 3
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(tree.TreeTooLarge, match="1000 objects"):
+        tree.measure(cycle, max_nodes=1000, max_bytes=1 << 20)
+    sd = {f"layers.{i}.weight": torch.empty(0, device="meta") for i in range(100_000)}
+    nodes, nbytes = tree.measure(sd, max_nodes=1 << 40, max_bytes=1 << 40)
+    # the pickle of such a state dict holds > 60 bytes per tensor: far inside tree_expansion x S
+    max_nodes, max_bytes = checkpoint.ReadOptions().tree_caps(60 * 100_000)
+    assert nodes <= max_nodes and nbytes <= max_bytes, (nodes, nbytes)
