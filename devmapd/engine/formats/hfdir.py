@@ -22,8 +22,8 @@ _SINGLES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def weight_files(directory: str, *, root: str | None = None,
-                 max_index_bytes: int = MAX_SIDE_FILE_BYTES) -> list[str]:
+def weight_files(directory: str, max_index_bytes: int = MAX_SIDE_FILE_BYTES, *,
+                 root: str | None = None) -> list[str]:
     """The weight files of an HF directory, in shard order; raises CheckpointError if there are none
     or if its index is unusable (too big, not a regular file, outside ``root``, not JSON)."""
     d = Path(directory)
