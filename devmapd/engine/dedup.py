@@ -80,20 +80,29 @@ class DedupError(Exception):
     """A manifest or segment the store cannot take; the message says what is wrong."""
 
 
+def _hasher() -> tuple[Any, str]:
+    """xxh3-128 when xxhash is installed; else stdlib blake2b-128 (cryptographic, ~6x slower)."""
+    try:
+        import xxhash
+    except ImportError:
+        import hashlib
+        return (lambda: hashlib.blake2b(digest_size=16)), "blake2b-128 (hashlib; install xxhash for speed)"
+    return xxhash.xxh3_128, f"xxh3_128 (xxhash {xxhash.VERSION})"
+
+
 def hash_name() -> str:
     """The content hash in use, with its library version (for status and reports)."""
-    import xxhash
-    return f"xxh3_128 (xxhash {xxhash.VERSION})"
+    return _hasher()[1]
 
 
 def digest_of(buf: memoryview) -> bytes:
-    """xxh3-128 of ``buf`` (a byte view), fed in bounded steps."""
-    import xxhash
-    h = xxhash.xxh3_128()
+    """The 128-bit content hash of ``buf`` (a byte view), fed in bounded steps."""
+    h = _hasher()[0]()
     n = buf.nbytes
     for pos in range(0, n, _HASH_STEP):
         h.update(buf[pos:pos + _HASH_STEP])
-    return h.digest()
+    digest: bytes = h.digest()
+    return digest
 
 
 _libc: Any = None
