@@ -181,7 +181,17 @@ def _parse_file(f: OpenedFile, opts: ReadOptions, locate: bool, guess: _Guess) -
 
 def _open_and_parse(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
                     opened: list[OpenedFile]) -> Parsed:
-    """Open every weight file of ``path`` (file or HF directory) once and parse it. Fills ``opened``."""
+    """Open every weight file of ``path`` (file or HF directory) once and parse it. Fills ``opened``.
+
+    Every parse goes through here (inspect, read, engine.learned), so the expansion check runs
+    on all of them before anyone walks or encodes the structure."""
+    parsed = _open_and_parse_files(path, opts, locate, guess, opened)
+    _check_expansion(path, parsed, opts)
+    return parsed
+
+
+def _open_and_parse_files(path: str, opts: ReadOptions, locate: bool, guess: _Guess,
+                          opened: list[OpenedFile]) -> Parsed:
     real = os.path.realpath(path)   # resolve links once; the open itself then refuses to follow any
     if os.path.isdir(real):
         guess.format = "hf-dir"
@@ -378,7 +388,6 @@ def inspect(path: Any, *, allowed_globals: tuple[str, ...] = (), root: str | Non
     try:
         with _allowed(opts.allowed_globals), gc_paused():
             parsed = _open_and_parse(path, opts, False, guess, opened)
-            _check_expansion(path, parsed, opts)
             walked = normalize.walk(parsed.obj, normalize.DEFAULT_PREFIXES, path_hint=path)
             storages = _storages(path, parsed, walked)
             insp = _inspection(path, parsed, walked, storages)
@@ -491,7 +500,6 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
         with _allowed(options.allowed_globals):
             with gc_paused():
                 parsed = _open_and_parse(path, options, True, guess, opened)
-                _check_expansion(path, parsed, options)
                 walked = normalize.walk(parsed.obj, options.strip_prefixes, path_hint=path,
                                         max_nodes=max(1000, 20 * options.max_tensors))
             if len(walked.tensors) > options.max_tensors:
