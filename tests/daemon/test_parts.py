@@ -1,0 +1,245 @@
+"""The daemon's parts on their own: the load queue's order, dedup and rerun rule, and the
+pressure controller's demotions, promotions and lost-GPU evacuation.
+
+Each part is built the way the daemon builds it, with its dependencies handed in: a real
+registry, a real checkpoint and the real CPU inventory for the load queue; a capacity view and a
+mover of the test's own for the pressure controller, whose rules (devmapd.pressure) are the real
+ones, driven by a clock the test sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from devmapd import planner
+from devmapd.config import Config, DevicesConfig, PlacementConfig, PressureConfig
+from devmapd.daemon import names
+from devmapd.daemon.inventory import Inventory
+from devmapd.daemon.loading import LoadQueue
+from devmapd.daemon.pressurectl import PressureController
+from devmapd.daemon.registry import ModelRecord, Registry
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+# ---------------------------------------------------------------------------------- load queue
+def _queue(registry: Registry, cfg: Config, model_dir: Path) -> tuple[LoadQueue, Inventory]:
+    inventory = Inventory(registry, lambda: cfg)
+    return LoadQueue(registry, inventory, lambda: cfg, model_dir), inventory
+
+
+def _record(registry: Registry, name: str, size: int) -> ModelRecord:
+    return registry.add(ModelRecord(name=name, path=f"/models/{name}.pt", fingerprint=((f"{name}.pt", size, 0, 1),)))
+
+
+@pytest.mark.parametrize(("order", "expected"), [
+    ("bigger-first", ["huge", "a-mid", "b-mid", "small"]),  # equal sizes go by name
+    ("name", ["a-mid", "b-mid", "huge", "small"]),
+])
+async def test_load_queue_order(tmp_path: Path, order: str, expected: list[str]) -> None:
+    registry = Registry()
+    cfg = Config(model_dir=str(tmp_path), placement=PlacementConfig(preload_order=order))
+    queue, _ = _queue(registry, cfg, tmp_path)
+    for name, size in [("small", 10), ("b-mid", 500), ("huge", 9000), ("a-mid", 500)]:
+        queue.enqueue(_record(registry, name, size), f"{name}: queued")
+    assert queue.queued() == sorted(expected)
+    assert [await queue.next_name() for _ in expected] == expected
+    assert queue.queued() == []
+
+
+async def test_load_queue_holds_a_model_once(tmp_path: Path) -> None:
+    registry = Registry()
+    queue, _ = _queue(registry, Config(model_dir=str(tmp_path)), tmp_path)
+    big = _record(registry, "big", 1000)
+    queue.enqueue(big, "big: queued")
+    queue.enqueue(big, "big: queued again")
+    queue.enqueue(_record(registry, "tiny", 1), "tiny: queued")
+    assert queue.busy("big") and queue.queued() == ["big", "tiny"]
+    # Had the second request been queued too, "big" would come out twice before "tiny".
+    assert [await queue.next_name(), await queue.next_name()] == ["big", "tiny"]
+    assert not queue.busy("big") and queue.queued() == []
+
+
+async def test_a_request_during_a_load_runs_once_after_it(tmp_path: Path) -> None:
+    torch.save({"w": torch.arange(6, dtype=torch.float32)}, tmp_path / "m.pt")
+    source = names.scan(tmp_path)["m"]
+    registry = Registry()
+    cfg = Config(model_dir=str(tmp_path), devices=DevicesConfig(backend="none"))
+    queue, inventory = _queue(registry, cfg, tmp_path)
+    await inventory.open()
+    rec = registry.add(ModelRecord(name="m", path=str(source.path), source=source, fingerprint=names.fingerprint(source)))
+    states: list[str] = []
+    second_ready = asyncio.Event()
+
+    def watch(event: dict) -> None:
+        if event.get("type") != "model":
+            return
+        state = event["model"]["state"]
+        if state == "loading" and "loading" not in states:
+            queue.enqueue(rec, "m: asked for again while it loads")  # must not start a second load beside it
+        states.append(state)
+        if states.count("ready") == 2:
+            second_ready.set()
+
+    registry.listen(watch)
+    queue.enqueue(rec, "m: queued")
+    workers = [asyncio.create_task(queue.worker()) for _ in range(2)]
+    try:
+        await asyncio.wait_for(second_ready.wait(), 60)
+        loaded = rec.serving
+        assert loaded is not None and not queue.busy("m")
+        # The two loads ran one after the other, the second queued once the first was done
+        # (progress events between are folded).
+        compact = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+        assert compact == ["loading", "ready", "queued", "loading", "ready"]
+        assert rec.attempt == 2 and list(rec.placement) == ["cpu"]
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        if rec.serving is not None:
+            rec.serving.close()
+        inventory.close()
+
+
+async def test_a_fetch_waits_for_the_attempt_and_a_dropped_load_is_not_installed(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(4)}, tmp_path / "m.pt")
+    source = names.scan(tmp_path)["m"]
+    registry = Registry()
+    cfg = Config(model_dir=str(tmp_path), devices=DevicesConfig(backend="none"))
+    queue, inventory = _queue(registry, cfg, tmp_path)
+    await inventory.open()
+    rec = registry.add(ModelRecord(name="m", path=str(source.path), source=source, fingerprint=names.fingerprint(source),
+                                   state="evicted"))
+
+    def evict_while_loading(event: dict) -> None:
+        if event.get("type") == "model" and event["model"]["state"] == "loading" and rec.attempt == 1:
+            queue.drop_version(rec)  # as an evict does: the attempt token goes stale
+            registry.transition(rec, "evicted", "m: evicted while loading")
+
+    unlisten = registry.listen(evict_while_loading)
+    worker = asyncio.create_task(queue.worker())
+    try:
+        await asyncio.wait_for(queue.load_now(rec, "m: first fetch"), 60)
+        assert rec.state == "evicted" and rec.serving is None and rec.placement == {}
+        unlisten()
+        await asyncio.wait_for(queue.load_now(rec, "m: fetched again"), 60)
+        assert rec.state == "ready" and rec.serving is not None and rec.attempt == 3
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        if rec.serving is not None:
+            rec.serving.close()
+        inventory.close()
+
+
+# ---------------------------------------------------------------------------------- pressure
+@dataclasses.dataclass
+class Gpus:
+    """A capacity view the test sets: free bytes per GPU, some of them lost."""
+
+    free: dict[str, int]
+    registry: Registry
+    lost: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def capacities(self) -> tuple[list[planner.DeviceCapacity], planner.DeviceCapacity]:
+        held: dict[str, int] = {}
+        for rec in self.registry.records():
+            for device, nbytes in rec.placement.items():
+                held[device] = held.get(device, 0) + nbytes
+        gpus = [planner.DeviceCapacity(id=g, total=16 * GIB, free=f, held=held.get(g, 0), lost=g in self.lost)
+                for g, f in sorted(self.free.items())]
+        return gpus, planner.DeviceCapacity(id="cpu", total=64 * GIB, free=60 * GIB, held=held.get("cpu", 0))
+
+    def policy(self) -> planner.Policy:
+        return planner.Policy(reserve=0, host_cap=32 * GIB)
+
+    def lost_gpus(self) -> dict[str, str]:
+        return dict(self.lost)
+
+
+class Mover:
+    """Records the moves handed to it, the way the load queue would receive them."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[str, str, str]] = []
+        self.busy_names: set[str] = set()
+
+    def busy(self, name: str) -> bool:
+        return name in self.busy_names
+
+    def request_move(self, rec: ModelRecord, target: str, why: str, message: str) -> None:
+        self.moves.append((rec.name, target, why))
+
+
+def _ready(registry: Registry, name: str, device: str, nbytes: int, *, last_fetch: float = 0.0,
+           pin: str | None = None) -> ModelRecord:
+    return registry.add(ModelRecord(name=name, path=f"/m/{name}", state="ready", serving=object(),
+                                    placement={device: nbytes}, last_fetch=last_fetch, pin=pin))
+
+
+def _controller(registry: Registry, gpus: Gpus, mover: Mover, now: list[float],
+                demoted: list[str] | None = None) -> PressureController:
+    cfg = Config(pressure=PressureConfig(low_watermark_mib=2048, high_watermark_mib=4096, cooldown_s=10.0))
+    return PressureController(registry, gpus, mover, lambda: cfg,
+                              on_demote=(demoted.append if demoted is not None else None), clock=lambda: now[0])
+
+
+def test_pressure_demotes_the_stalest_unpinned_model_and_brings_it_home_after_the_cooldown() -> None:
+    registry = Registry()
+    decisions: list[dict] = []
+    registry.listen(lambda e: decisions.append(e) if e["type"] == "decision" else None)
+    stale = _ready(registry, "stale", "cuda:0", 3 * GIB, last_fetch=100.0)
+    _ready(registry, "fresh", "cuda:0", 3 * GIB, last_fetch=900.0)
+    _ready(registry, "pinned", "cuda:0", 5 * GIB, pin="cuda:0")
+    gpus = Gpus(free={"cuda:0": 1 * GIB, "cuda:1": 12 * GIB}, registry=registry)
+    mover, now, demoted = Mover(), [1000.0], []
+    ctl = _controller(registry, gpus, mover, now, demoted)
+
+    ctl.poll()  # 1 GiB free < 2 GiB low: one 3 GiB model off brings it to 4 GiB = high
+    assert mover.moves == [("stale", "cuda:1", mover.moves[0][2])]
+    assert mover.moves[0][2].startswith("demoted from cuda:0: ")
+    assert stale.home == "cuda:0" and demoted == ["stale"]
+    assert decisions[-1]["action"] == "demoted" and decisions[-1]["from"] == "cuda:0"
+
+    # It landed on cuda:1; cuda:0 has room again. Nothing comes back before the cooldown.
+    stale.placement = {"cuda:1": 3 * GIB}
+    gpus.free = {"cuda:0": 12 * GIB, "cuda:1": 9 * GIB}
+    mover.moves.clear()
+    for t in (1001.0, 1005.0):
+        now[0] = t
+        ctl.poll()
+    assert mover.moves == []
+    now[0] = 1012.0  # 11 s of room, past the 10 s cooldown
+    ctl.poll()
+    assert [(n, t) for n, t, _ in mover.moves] == [("stale", "cuda:0")]
+    assert mover.moves[0][2].startswith("promoted from cuda:1: ")
+    assert stale.home is None and decisions[-1]["action"] == "promoted"
+
+
+def test_pressure_leaves_busy_and_pinned_models_alone() -> None:
+    registry = Registry()
+    _ready(registry, "loading-already", "cuda:0", 3 * GIB)
+    _ready(registry, "pinned", "cuda:0", 3 * GIB, pin="cuda:0")
+    gpus = Gpus(free={"cuda:0": 1 * GIB}, registry=registry)
+    mover = Mover()
+    mover.busy_names.add("loading-already")
+    _controller(registry, gpus, mover, [0.0]).poll()
+    assert mover.moves == []
+    assert registry.get("loading-already").home is None
+
+
+def test_models_leave_a_lost_gpu_for_wherever_the_planner_finds_room() -> None:
+    registry = Registry()
+    _ready(registry, "a", "cuda:0", 1 * GIB)
+    _ready(registry, "b", "cuda:1", 1 * GIB)
+    gpus = Gpus(free={"cuda:0": 15 * GIB, "cuda:1": 15 * GIB}, registry=registry, lost={"cuda:0": "fell off the bus"})
+    mover = Mover()
+    _controller(registry, gpus, mover, [0.0]).poll()
+    assert mover.moves == [("a", "", "demoted from cuda:0: cuda:0 was lost (fell off the bus)")]
