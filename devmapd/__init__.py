@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from devmapd._version import __version__
 
-_CLIENT_NAMES = ("load", "load_into", "release", "Client", "DevmapdError", "DaemonUnavailable",
+_CLIENT_NAMES = ("load", "load_into", "meta_init", "release", "Client", "DevmapdError", "DaemonUnavailable",
                  "ModelNotFound", "PermissionDenied", "ModelUnavailable", "default_socket")
 
 __all__ = ["__version__", *_CLIENT_NAMES]
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         default_socket,
         load,
         load_into,
+        meta_init,
         release,
     )
 

@@ -24,7 +24,7 @@ from devmapd.engine.gcpause import gc_paused
 from devmapd.wire import protocol as P
 
 __all__ = ["DevmapdError", "DaemonUnavailable", "ModelNotFound", "PermissionDenied",
-           "ModelUnavailable", "Client", "load", "load_into", "release", "default_socket"]
+           "ModelUnavailable", "Client", "load", "load_into", "meta_init", "release", "default_socket"]
 
 SYSTEM_SOCKET = "/run/devmapd/devmapd.sock"
 # A fetch may wait for a model that is still loading; the daemon gives up after its own
@@ -565,8 +565,8 @@ def load_into(module: Any, name: str, *, strict: bool = True, map_location: Any 
 
     Like ``module.load_state_dict(devmapd.load(name), strict=strict, assign=True)``: no copy,
     so the weights stay shared with the daemon and every other process (copy-on-write), and a
-    module built on the meta device (``with torch.device("meta"): model = Net()``) never
-    initialises weights it would throw away. ``load_state_dict`` without ``assign=True`` copies
+    module built on the meta device (``with devmapd.meta_init(): model = Net()``, or
+    ``with torch.device("meta")``) never initialises weights it would throw away. ``load_state_dict`` without ``assign=True`` copies
     every weight into the module's own memory instead. Parameters stay Parameters (with the
     module's requires_grad) and take the served dtype and device, as with assign=True;
     ``map_location`` moves them first. Also: DDP / DataParallel / torch.compile wrappers are
@@ -580,6 +580,14 @@ def load_into(module: Any, name: str, *, strict: bool = True, map_location: Any 
     obj = load(name, map_location, socket=socket)
     what = f"devmapd model {_printable(name)}"
     return assign.assign_state_dict(module, assign.state_dict_of(obj, what), strict=strict, what=what)
+
+
+def meta_init() -> Any:
+    """``with devmapd.meta_init(): model = Net()``: build ``model`` on the meta device with its
+    weight initialisers skipped (nothing allocated, nothing initialised), for ``load_into``.
+    See devmapd.engine.assign.meta_init."""
+    from devmapd.engine import assign
+    return assign.meta_init()
 
 
 def _printable(name: str) -> str:

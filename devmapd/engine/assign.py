@@ -23,13 +23,14 @@ Pure torch: no daemon, no socket (``devmapd.load_into`` fetches, then calls this
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 __all__ = ["AssignError", "PREFIXES", "unwrap", "state_dict_of", "strip_prefixes",
-           "assign_state_dict", "meta_leftovers"]
+           "assign_state_dict", "meta_leftovers", "meta_init"]
 
 # The daemon's normalisation (engine.normalize.DEFAULT_PREFIXES), repeated so that the client
 # does not import the daemon-side normaliser.
@@ -38,6 +39,33 @@ PREFIXES = ("module.", "_orig_mod.")
 
 class AssignError(RuntimeError):
     """The state dict cannot become the module's weights; the message says what and the fix."""
+
+
+@contextlib.contextmanager
+def meta_init() -> Iterator[None]:
+    """Build modules on the meta device with torch.nn.init's initialisers skipped.
+
+    ``with torch.device("meta")`` alone already allocates nothing, but an initialiser run on a
+    meta tensor is not free: the first ``normal_`` (nn.Embedding's) imports torch's compiler
+    stack, 1.5-4 s in a fresh process. The weights are about to be replaced, so their
+    initialisers are skipped (as transformers' ``no_init_weights`` does). The initialisers are
+    module attributes patched for the duration: do not build modules on other threads meanwhile.
+    """
+    import torch.nn.init as init
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_")
+             and callable(vars(init)[n])]
+    saved = {n: vars(init)[n] for n in names}
+
+    def skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+    try:
+        for n in names:
+            setattr(init, n, skip)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -139,3 +139,15 @@ def test_writes_stay_private_copy_on_write(served, models):
     b = devmapd.load_into(Net(), "net", socket=served.socket)
     want = torch.load(models["net"], weights_only=True)["lin.weight"]
     assert torch.equal(b.lin.weight, want) and not torch.equal(a.lin.weight, want)
+
+
+def test_meta_init_builds_without_initialisers_and_restores_them(served, models):
+    import torch.nn.init as init
+    normal = init.normal_
+    with devmapd.meta_init():
+        net = Net(pos=False)
+        assert init.normal_ is not normal
+    assert init.normal_ is normal
+    assert all(t.is_meta for t in net.state_dict().values())
+    devmapd.load_into(net, "net", socket=served.socket)
+    assert_same_module(net, reference(models["net"], Net(pos=False)))
