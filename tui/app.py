@@ -229,12 +229,14 @@ class DevmapdApp(App[int]):
             extra += max(1, -(-(len(str(banner.content)) + 2) // max(1, width)))
         if self._filter_box.has_class("visible"):
             extra += 1
-        inputs = (width, height, len(self.state.devices), extra, self._bottom_pref, self._narrow_pane)
+        rows = self._table.row_count
+        inputs = (width, height, len(self.state.devices), extra, self._bottom_pref, self._narrow_pane,
+                  min(rows, height))     # past a screenful the row count changes nothing
         if inputs == self._layout_inputs and not force:
             return
         self._layout_inputs = inputs
         plan = plan_layout(width, height, len(self.state.devices), extra_rows=extra,
-                           bottom=self._bottom_pref, narrow_pane=self._narrow_pane)
+                           bottom=self._bottom_pref, narrow_pane=self._narrow_pane, table_rows=rows)
         self._layout = plan
         devices = self._devices_panel
         devices.display = plan.devices_height > 0
@@ -383,6 +385,7 @@ class DevmapdApp(App[int]):
         table = self._table
         table.sync(names, self.clock())
         self._title_models()
+        self._apply_layout()      # a few models more or less: the bottom panes may use the room
         if self._detail_for in names or table.selected_name != self._detail_for:
             self._show_detail()
 
@@ -553,6 +556,7 @@ class DevmapdApp(App[int]):
         table.filter_text = event.value.strip()
         table.rebuild(self.clock())
         self._title_models()
+        self._apply_layout()
         self._show_detail()
 
     @on(Input.Submitted, "#filter")

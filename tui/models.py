@@ -392,6 +392,7 @@ def fit_on(device: dict[str, Any], record: dict[str, Any]) -> Fit:
 MODELS_MIN_ROWS = 4          # the models table never shows fewer rows than this
 BOTTOM_FULL = 13             # detail | log height when there is room
 BOTTOM_MIN = 6               # below this a bordered pane shows too little to be worth its rows
+BOTTOM_MAX = 22              # with few models the bottom panes take the rows the table leaves
 WIDE_BOTTOM = 100            # below this width detail and log share the bottom in turns
 
 
@@ -412,10 +413,12 @@ class Layout:
 
 
 def plan_layout(width: int, height: int, n_devices: int, *, extra_rows: int = 0,
-                bottom: str = "auto", narrow_pane: str = "detail") -> Layout:
+                bottom: str = "auto", narrow_pane: str = "detail", table_rows: int | None = None) -> Layout:
     """Divide a `width` x `height` terminal. `extra_rows` are taken by the banner and the
     filter box; `bottom` is the operator's choice ("auto", "shown", "hidden", toggled with
-    `d`); `narrow_pane` is the pane a narrow terminal shows ("detail" or "log").
+    `d`); `narrow_pane` is the pane a narrow terminal shows ("detail" or "log"). `table_rows`
+    (the rows the table holds now, when known) lets the bottom panes take rows the table would
+    leave empty, up to BOTTOM_MAX.
 
     Priorities, from first to give way to last: the bar legend, the bottom panes' height
     (down to BOTTOM_MIN, then hidden), the device rows, and never the models table's minimum.
@@ -447,6 +450,10 @@ def plan_layout(width: int, height: int, n_devices: int, *, extra_rows: int = 0,
         bottom_h = min(BOTTOM_FULL, max(room, 0)) if bottom == "shown" else 0
         if bottom_h < BOTTOM_MIN - 2:
             bottom_h = 0
+    if bottom_h >= BOTTOM_FULL and table_rows is not None:
+        unused = avail - dev_height() - bottom_h - (2 + max(MODELS_MIN_ROWS, table_rows))
+        if unused > 0:
+            bottom_h = min(BOTTOM_MAX, bottom_h + unused)
     devices_h = dev_height()
     spare = avail - bottom_h - models_min
     if devices_h > spare:

@@ -557,6 +557,8 @@ def why_missing(record: dict[str, Any]) -> str:
         return "waiting to be read"
     if state == "loading":
         return "being read"
+    if state == "failed":
+        return "could not be loaded: the diagnosis below says why and what to do"
     return "-"
 
 

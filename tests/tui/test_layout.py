@@ -43,9 +43,10 @@ async def check_fits(pilot: Any) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(width=st.integers(60, 300), height=st.integers(16, 120), devices=st.integers(0, 9),
-       extra=st.integers(0, 3), bottom=st.sampled_from(["auto", "shown", "hidden"]))
-def test_plan_always_leaves_the_models_table_its_minimum(width, height, devices, extra, bottom):
-    plan = plan_layout(width, height, devices, extra_rows=extra, bottom=bottom)
+       extra=st.integers(0, 3), bottom=st.sampled_from(["auto", "shown", "hidden"]),
+       rows=st.one_of(st.none(), st.integers(0, 600)))
+def test_plan_always_leaves_the_models_table_its_minimum(width, height, devices, extra, bottom, rows):
+    plan = plan_layout(width, height, devices, extra_rows=extra, bottom=bottom, table_rows=rows)
     avail = height - 2 - extra
     assert plan.models_rows >= MODELS_MIN_ROWS
     assert plan.devices_height + plan.bottom_height + plan.models_rows + 2 == avail
