@@ -19,8 +19,27 @@ from .torchscript import is_torchscript
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")   # 30 bytes, signature PK\x03\x04
 
 
+_END_RECORD = struct.Struct("<4sHHHHIIH")         # 22 bytes, signature PK\x05\x06
+
+
+def _check_end_record(f: OpenedFile) -> None:
+    """What zipfile overlooks and torch's reader (miniz) refuses: a multi-disk end record, entry
+    counts that disagree, a comment length that does not reach the end of the file."""
+    tail_len = min(f.size, _END_RECORD.size + 0xFFFF)
+    tail = f.pread(tail_len, f.size - tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _END_RECORD.size > len(tail):
+        return   # no end record at all: zipfile says so in its own words
+    _sig, disk, cd_disk, here, total, _size, _offset, comment = _END_RECORD.unpack_from(tail, at)
+    if at + _END_RECORD.size + comment != len(tail):
+        raise diagnose.corrupt(f.path, "the zip end record does not match the end of the file")
+    if (disk, cd_disk) not in ((0, 0), (1, 1)) or here != total:
+        raise diagnose.corrupt(f.path, "the zip end record describes a multi-disk archive")
+
+
 def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: bool) -> Parsed:
     path = f.path
+    _check_end_record(f)
     reader = f.reader()
     try:
         zf = zipfile.ZipFile(reader)
@@ -32,6 +51,12 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     except _ZIP_ERRORS as e:
         raise diagnose.corrupt(path, f"bad zip archive: {type(e).__name__}: {e}") from None
     infos = zf.infolist()
+    # torch.save's first member starts at byte 0. zipfile silently shifts every offset when the
+    # directory is not where the end record says (bytes added or removed before it, or prepended
+    # data); torch.load refuses such a file, and so do we rather than guess where members are.
+    if infos and min(i.header_offset for i in infos) != 0:
+        raise diagnose.corrupt(path, "the zip directory's offsets do not match the file (bytes were "
+                                     "added or removed before its end)")
     names = [i.filename for i in infos]
     if is_torchscript(names):
         raise diagnose.torchscript(path)
