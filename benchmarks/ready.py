@@ -165,9 +165,22 @@ def ready_once(kind: str, method: str, args: tuple) -> dict[str, Any]:
 
 def hold_ready(kind: str, method: str, args: tuple, conn: Any) -> None:
     """Hold the ready model (after one forward pass, which reads every weight) until told to exit."""
-    import devmapd.client  # noqa: F401  (code, not model: part of the "before" baseline)
+    # Code, not model, goes into the "before" baseline: every module either method imports,
+    # and one forward pass of a tiny model of the same class (allocator arenas, lazily
+    # initialised kernels), so that the growth is the model and its activations.
+    import devmapd.client  # noqa: F401
+    import devmapd.engine.arena  # noqa: F401
+    import devmapd.engine.assign  # noqa: F401
     if kind == "hf":
-        import transformers.models.bert.modeling_bert  # noqa: F401
+        from transformers import BertConfig, BertModel
+
+        import devmapd.hf  # noqa: F401
+        tiny = BertModel(BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32)).eval()
+    else:
+        tiny = TfModel(1, 64, 100)
+    _forward(kind, tiny)
+    del tiny
     conn.send(("started", os.getpid()))
     assert conn.recv() == "go"
     m = _build_tf(method, *args) if kind == "tf" else _build_hf(method, *args)
