@@ -144,7 +144,7 @@ def _leaf_bytes(obj: Any, t: type) -> int:
     if t is bytes or t is bytearray:
         return (len(obj) + 2) // 3 * 4
     if t is int:
-        return obj.bit_length() // 3 + 1   # >= the number of decimal digits
+        return int(obj.bit_length()) // 3 + 1   # >= the number of decimal digits
     return 0
 
 
@@ -173,7 +173,7 @@ def measure(obj: Any, *, max_nodes: int, max_bytes: int) -> tuple[int, int]:
             nbytes += _leaf_bytes(node, t)
         else:
             if isinstance(node, dict):
-                parts: tuple = (node.keys(), node.values())
+                parts: tuple[Any, ...] = (node.keys(), node.values())
             elif isinstance(node, (list, tuple, set, frozenset)):
                 parts = (node,)
             else:

@@ -189,7 +189,7 @@ def check_inside(f: OpenedFile, root: str | None) -> None:
         raise diagnose.outside_model_dir(f.path, opened_at, real_root)
 
 
-def open_in_model_dir(path: str | os.PathLike, display: str | None = None, *, root: str | None = None,
+def open_in_model_dir(path: str | os.PathLike[str], display: str | None = None, *, root: str | None = None,
                       max_bytes: int | None = None, what: str = "file",
                       limit_name: str = "safety.max_side_file_mib") -> OpenedFile:
     """THE opener for every file under a model directory (see the module docstring).
@@ -233,7 +233,7 @@ def read_whole(f: OpenedFile) -> bytes:
     return b"".join(chunks)
 
 
-def read_small_file(path: str | os.PathLike, *, root: str | None = None, display: str | None = None,
+def read_small_file(path: str | os.PathLike[str], *, root: str | None = None, display: str | None = None,
                     max_bytes: int = MAX_SIDE_FILE_BYTES, what: str = "side file",
                     limit_name: str = "safety.max_side_file_mib") -> bytes:
     """The bytes of one small file of a model directory, through :func:`open_in_model_dir`."""
@@ -244,7 +244,7 @@ def read_small_file(path: str | os.PathLike, *, root: str | None = None, display
         f.close()
 
 
-def read_json_file(path: str | os.PathLike, *, root: str | None = None, display: str | None = None,
+def read_json_file(path: str | os.PathLike[str], *, root: str | None = None, display: str | None = None,
                    max_bytes: int = MAX_SIDE_FILE_BYTES, what: str | None = None,
                    limit_name: str = "safety.max_side_file_mib") -> Any:
     """Read and parse one small JSON side file of a model directory (config.json,
