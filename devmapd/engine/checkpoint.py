@@ -231,7 +231,8 @@ def _check_expansion(path: str, parsed: Parsed, opts: ReadOptions) -> None:
         floor = ("safety.tree_min_nodes" if e.what == "objects" else "safety.tree_min_mib")
         raise diagnose.too_large(
             path, f"a structure (everything but the tensor data) that expands to more than {e.limit} {e.what} "
-                  f"through shared references, from {structure} non-tensor bytes in the file",
+                  f"(each shared reference counted every time it is reached) from {structure} non-tensor bytes "
+                  "in the file",
             f"{e.limit} {e.what} = max({floor}, safety.tree_expansion x {structure})") from None
 
 

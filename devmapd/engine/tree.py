@@ -126,7 +126,8 @@ class TreeTooLarge(TreeError):
 
     def __init__(self, what: str, limit: int):
         self.what, self.limit = what, limit
-        super().__init__(f"the structure expands to more than {limit} {what} through shared references")
+        super().__init__(f"the structure expands to more than {limit} {what} (each shared reference "
+                         "counted every time it is reached)")
 
 
 _LEAVES = frozenset((type(None), bool, int, float, str, bytes, bytearray, complex))
