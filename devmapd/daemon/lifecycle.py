@@ -43,6 +43,7 @@ from devmapd.config import Config, ConfigError
 from devmapd.config import load as load_config
 from devmapd.daemon import handoff, names
 from devmapd.daemon.actions import Actions
+from devmapd.daemon.fdbudget import FdBudget, raise_soft_limit
 from devmapd.daemon.inventory import Inventory
 from devmapd.daemon.loading import LoadQueue
 from devmapd.daemon.pressurectl import PressureController
@@ -85,13 +86,15 @@ class Daemon:
 
         # The parts, each handed what it depends on (see the module docstring).
         self.registry = Registry()
+        self.fds = FdBudget()
         self.inventory = Inventory(self.registry, config)
         self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
-                               metrics=self.metrics)
+                               metrics=self.metrics, fds=self.fds)
         self.actions = Actions(self.registry, self.loads, self.inventory, config)
         self.pressure = PressureController(self.registry, self.inventory, self.loads, config,
                                            on_demote=self.metrics.count_demotion)
-        self.view = StatusView(self.registry, self.inventory, config, self.model_dir, watcher=lambda: self.watcher)
+        self.view = StatusView(self.registry, self.inventory, config, self.model_dir, watcher=lambda: self.watcher,
+                               extra=lambda: {"fds": self.fds.status()})
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
@@ -111,6 +114,7 @@ class Daemon:
         """Start, serve until stopped, shut down cleanly. Returns the exit status."""
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
+        raise_soft_limit()  # one memfd (at least) per served model: 1024 would cap the models served
         try:
             await self._startup(loop)
         except Exception:

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from devmapd import planner
 from devmapd.config import Config
@@ -47,17 +47,24 @@ log = logging.getLogger("devmapd")
 MIB = 1 << 20
 
 
+class FdGuard(Protocol):
+    """Whether file descriptors are left for one more load (:class:`~devmapd.daemon.fdbudget.FdBudget`)."""
+
+    def refusal(self, name: str) -> checkpoint.Diagnosis | None: ...
+
+
 class LoadQueue:
     """Queueing, placing and reading models (see the module docstring)."""
 
     def __init__(self, registry: Registry, capacity: Capacity, config: Callable[[], Config], model_dir: Path, *,
-                 notifier: Any = None, metrics: Any = None) -> None:
+                 notifier: Any = None, metrics: Any = None, fds: FdGuard | None = None) -> None:
         self._registry = registry
         self._capacity = capacity
         self._config = config  # a getter: the config changes on SIGHUP
         self._model_dir = model_dir
         self._notifier = notifier  # systemd's fd store keeps each served version across restarts
         self._metrics = metrics
+        self._fds = fds  # a load needs fds (file, memfds): refused while too few are left
         self._heap: asyncio.PriorityQueue[tuple[tuple, str]] = asyncio.PriorityQueue()
         self._queued: set[str] = set()  # names in the heap (each at most once)
         self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
@@ -183,6 +190,11 @@ class LoadQueue:
         rec.attempt += 1
         attempt = rec.attempt
         self._registry.transition(rec, "loading", f"{name}: inspecting {rec.path}", progress=0.0)
+        refused = self._fds.refusal(name) if self._fds is not None else None
+        if refused is not None:
+            # Near the fd limit: the models already serving keep the fds they need.
+            self._fail(rec, refused)
+            return
         insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir))
         if not self._still_wanted(rec, attempt):
             return  # evicted or removed while we inspected
