@@ -42,18 +42,21 @@ cannot be freed alone out of the segment it was read into. Two ways out were wei
   frees and holds at most a quarter of a segment dead, which ``usage()`` reports as
   ``reclaimable``.
 
-Bounded fds: every segment was once one model's read on one device, and compaction replaces
-a segment by at most one, so the store never holds more segments than models x devices (the
-same bound as without sharing). A manifest refers to at most ``max_segments`` segments per
-device: when a model's storages are found in more, the matches in the segments that would
-contribute least are kept as the model's own copies instead.
+Bounded fds: every segment counts against a live ``origin`` owner (first the model whose read
+made it). When the origin leaves and the segment still holds storages others use, the holder
+of most of its bytes inherits it; an heir already at ``segments_per_owner`` (default 2) segments
+on that device gets it merged with its smallest one (one copy of both). So the store holds at
+most segments_per_owner x live models x devices segments, however long the chain of versions
+that left storages behind (epoch after epoch replacing the last). A manifest refers to at most
+``max_segments`` segments per device: when a model's storages are found in more, the matches
+in the segments that would contribute least are kept as the model's own copies instead.
 
 Retired segments are not closed at once: a fetch may be between reading a holding's fds and
 sending them. The caller closes them with ``reap()`` when no fetch is in flight (the daemon's
 event loop, after it has picked up every rebuilt manifest). Every method is thread-safe.
 
 Planning: ``cost_of(device, keys)`` says how many bytes a model whose storage keys are known
-(from an earlier read: ``Holding.keys``) would add on a device, and ``exclusive_bytes(owner)``
+(from an earlier read: ``keys_of(owner)``) would add on a device, and ``exclusive_bytes(owner)``
 how many releasing it would free: what the planner charges and what the pressure loop gains
 by demoting a model whose storages are shared.
 """
@@ -149,11 +152,12 @@ class _Mapped:
 
 
 class _Segment:
-    __slots__ = ("id", "device", "sealed", "mapped", "payload", "live", "retired")
+    __slots__ = ("id", "device", "sealed", "mapped", "payload", "live", "retired", "origin")
 
-    def __init__(self, sid: int, device: str, sealed: SealedSegment):
+    def __init__(self, sid: int, device: str, sealed: SealedSegment, origin: Hashable):
         self.id = sid
         self.device = device
+        self.origin = origin                 # the live owner this segment counts against
         self.sealed = sealed
         self.mapped = _Mapped(sealed)
         self.payload = 0                     # bytes of every storage placed in it, dead or alive
@@ -170,16 +174,22 @@ class _Segment:
 
 
 class _Entry:
-    __slots__ = ("id", "device", "key", "segment", "offset", "nbytes", "holders")
+    __slots__ = ("id", "device", "nbytes", "digest", "segment", "offset", "holders")
 
-    def __init__(self, eid: int, device: str, key: StorageKey, segment: _Segment, offset: int):
+    def __init__(self, eid: int, device: str, nbytes: int, digest: bytes | None, segment: _Segment,
+                 offset: int):
         self.id = eid
         self.device = device
-        self.key = key
+        self.nbytes = nbytes
+        self.digest = digest          # None until a storage of the same size needs comparing
         self.segment = segment
         self.offset = offset
-        self.nbytes = key[0]
         self.holders: set[Hashable] = set()
+
+    def get_digest(self) -> bytes:
+        if self.digest is None:
+            self.digest = digest_of(self.segment.mapped.view(self.offset, self.nbytes))
+        return self.digest
 
 
 @dataclass
@@ -194,8 +204,7 @@ class Holding:
     owner: Hashable
     manifest: Manifest
     segments: tuple[SealedSegment, ...]
-    keys: tuple[StorageKey, ...]             # per distinct storage of the model, on its device
-    devices: tuple[str, ...]                 # device of each key
+    devices: tuple[str, ...]                 # device of each distinct storage of the model
     layout: int = 0
     # internals: the template entries, and per entry the index of its storage in _refs
     _template: tuple[TensorEntry, ...] = field(default=(), repr=False)
@@ -210,7 +219,7 @@ class Holding:
     @property
     def nbytes(self) -> int:
         """Bytes of the model's distinct storages (what it would hold alone)."""
-        return sum(k[0] for k in self.keys)
+        return sum(r.nbytes for r in self._refs if r is not None)
 
 
 @dataclass(frozen=True)
@@ -239,16 +248,19 @@ class StorageStore:
     """Content-addressed storages of every device, with per-owner reference counts."""
 
     def __init__(self, *, compact_dead_fraction: float = 0.25, max_segments: int = 32,
-                 label: str = "shared") -> None:
+                 segments_per_owner: int = 2, label: str = "shared") -> None:
         if not 0.0 <= compact_dead_fraction < 1.0:
             raise ValueError(f"compact_dead_fraction must be in [0, 1), not {compact_dead_fraction!r}")
         if max_segments < 1:
             raise ValueError(f"max_segments must be >= 1, not {max_segments!r}")
         self.compact_dead_fraction = compact_dead_fraction
         self.max_segments = max_segments
+        if segments_per_owner < 1:
+            raise ValueError(f"segments_per_owner must be >= 1, not {segments_per_owner!r}")
+        self.segments_per_owner = segments_per_owner
         self.label = label
         self.lock = threading.RLock()
-        self._index: dict[tuple[str, StorageKey], list[_Entry]] = {}
+        self._index: dict[tuple[str, int], list[_Entry]] = {}   # (device, nbytes) -> entries
         self._segments: dict[int, _Segment] = {}
         self._holdings: dict[Hashable, Holding] = {}
         self._retired: list[_Segment] = []
@@ -291,43 +303,40 @@ class StorageStore:
                 si = storage_index[t] = len(triples)
                 triples.append(t)
             storage_of.append(si)
-        # Hash outside the lock: the new segments are ours alone.
-        new_segs = [_Segment(-1, info.device, seg) for info, seg in zip(manifest.segments, segments)]
-        try:
-            keys: list[StorageKey] = []
-            for seg_i, off, nb in triples:
-                digest = digest_of(new_segs[seg_i].mapped.view(off, nb)) if nb else b""
-                keys.append((nb, digest))
-        except BaseException:
-            for s in new_segs:
-                s.mapped.close()
-            raise
+        new_segs = [_Segment(-1, info.device, seg, owner) for info, seg in zip(manifest.segments, segments)]
         with self.lock:
             if owner in self._holdings:
                 for s in new_segs:
                     s.mapped.close()
                 raise DedupError(f"{owner!r} already holds storages; release it first")
-            return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, keys, new_segs)
+            return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, new_segs)
 
     def _adopt_locked(self, owner: Hashable, manifest: Manifest, template: tuple[TensorEntry, ...],
                       storage_of: tuple[int, ...], triples: list[tuple[int, int, int]],
-                      keys: list[StorageKey], new_segs: list[_Segment]) -> Holding:
+                      new_segs: list[_Segment]) -> Holding:
         for s in new_segs:
             s.id = self._next_id
             self._next_id += 1
-        # 1. candidates: for each storage, an existing entry with equal bytes not used by this owner
+        # 1. candidates: for each storage, an existing entry with equal bytes not used by this
+        # owner. Only storages of a size the device already holds are hashed (equal bytes have
+        # equal sizes), so a model unlike anything held loads without hashing anything; the
+        # entries it leaves are hashed when a storage of their size first needs comparing.
         found: list[_Entry | None] = []
+        digests: list[bytes | None] = []
         taken: set[int] = set()
-        for (seg_i, off, nb), key in zip(triples, keys):
+        for seg_i, off, nb in triples:
+            digests.append(None)
             if nb == 0:
                 found.append(None)
                 continue
             dev = new_segs[seg_i].device
             match = None
-            for cand in self._index.get((dev, key), ()):
+            for cand in self._index.get((dev, nb), ()):
                 if cand.id in taken:
                     continue
-                if self._same_bytes(new_segs[seg_i], off, cand, nb):
+                if digests[-1] is None:
+                    digests[-1] = digest_of(new_segs[seg_i].mapped.view(off, nb))
+                if cand.get_digest() == digests[-1] and self._same_bytes(new_segs[seg_i], off, cand, nb):
                     match = cand
                     break
             if match is not None:
@@ -354,16 +363,16 @@ class StorageStore:
         found = [m if m is None or m.segment.id in keep_segments else None for m in found]
         # 3. register: matched storages take a reference; new ones become entries of new_segs
         refs: list[_Entry | None] = []
-        for i, ((seg_i, off, nb), key) in enumerate(zip(triples, keys)):
+        for i, (seg_i, off, nb) in enumerate(triples):
             if nb == 0:
                 refs.append(None)
                 continue
             m = found[i]
             if m is None:
                 seg = new_segs[seg_i]
-                m = _Entry(self._next_id, seg.device, key, seg, off)
+                m = _Entry(self._next_id, seg.device, nb, digests[i], seg, off)
                 self._next_id += 1
-                self._index.setdefault((seg.device, key), []).append(m)
+                self._index.setdefault((seg.device, nb), []).append(m)
                 seg.live[m.id] = m
             m.holders.add(owner)
             refs.append(m)
@@ -371,7 +380,7 @@ class StorageStore:
             s.payload = sum(nb for seg_i, _off, nb in set(triples) if new_segs[seg_i] is s)
             self._segments[s.id] = s
         holding = Holding(owner=owner, manifest=manifest, segments=(),
-                          keys=tuple(keys), devices=tuple(new_segs[t[0]].device for t in triples),
+                          devices=tuple(new_segs[t[0]].device for t in triples),
                           _template=template, _storage_of=storage_of, _refs=refs)
         self._holdings[owner] = holding
         # 4. a device whose storages are all empty still needs a segment to point them at
@@ -410,13 +419,14 @@ class StorageStore:
                 if not ref.holders:
                     freed += ref.nbytes
                     del ref.segment.live[ref.id]
-                    bucket = self._index[(ref.device, ref.key)]
+                    bucket = self._index[(ref.device, ref.nbytes)]
                     bucket.remove(ref)
                     if not bucket:
-                        del self._index[(ref.device, ref.key)]
+                        del self._index[(ref.device, ref.nbytes)]
                     touched[ref.segment.id] = ref.segment
             for seg in touched.values():
                 self._settle(seg)
+            self._inherit(owner)
             self._retired_anchors.extend(holding._anchor.values())
             holding._anchor.clear()
             return freed
@@ -439,17 +449,23 @@ class StorageStore:
 
     def _compact(self, seg: _Segment) -> None:
         """Copy ``seg``'s live storages into a new sealed segment; its holders' manifests follow."""
-        live = sorted(seg.live.values(), key=lambda e: e.offset)
+        self._rewrite([seg], seg.origin)
+
+    def _rewrite(self, old: list[_Segment], origin: Hashable) -> None:
+        """Copy the live storages of ``old`` (one device) into one new sealed segment of ``origin``,
+        retire ``old`` and rebuild the manifest of every holder of a moved storage."""
+        live = sorted((e for seg in old for e in seg.live.values()), key=lambda e: (e.segment.id, e.offset))
+        device = old[0].device
         offsets, total = layout([e.nbytes for e in live])
-        builder = ArenaBuilder(f"{self.label}@{seg.device}", total)
+        builder = ArenaBuilder(f"{self.label}@{device}", total)
         try:
             for e, off in zip(live, offsets):
-                builder.copy_from_file(off, seg.sealed.fd, e.offset, e.nbytes)   # kernel copy
+                builder.copy_from_file(off, e.segment.sealed.fd, e.offset, e.nbytes)   # kernel copy
             new_sealed = builder.seal()
         except BaseException:
             builder.discard()
             raise
-        new = _Segment(self._next_id, seg.device, new_sealed)
+        new = _Segment(self._next_id, device, new_sealed, origin)
         self._next_id += 1
         for e, off in zip(live, offsets):
             e.segment = new
@@ -460,9 +476,33 @@ class StorageStore:
         self.compactions += 1
         self.compacted_bytes += new.payload
         affected = {o: self._holdings[o] for e in live for o in e.holders if o in self._holdings}
-        self._retire(seg)
+        for seg in old:
+            self._retire(seg)
         for h in affected.values():
             self._rebuild(h)
+
+    def _inherit(self, owner: Hashable) -> None:
+        """Give the segments ``owner`` read (and others still use) to a live heir.
+
+        Every live segment has a live origin and no owner is the origin of more than
+        ``segments_per_owner`` segments per device, so the store never holds more segments
+        than that many per live model and device, however long the chain of versions that
+        left their storages behind. The heir is the holder of most of the segment's bytes;
+        an heir that would exceed the bound gets the segment merged with its smallest one.
+        """
+        for seg in [s for s in self._segments.values() if s.origin == owner]:
+            if seg.retired:
+                continue
+            weight: dict[Hashable, int] = {}
+            for e in seg.live.values():
+                for o in e.holders:
+                    weight[o] = weight.get(o, 0) + e.nbytes
+            heir = max(self._holdings, key=lambda o: weight.get(o, 0))
+            mine = [s for s in self._segments.values() if s.origin == heir and s.device == seg.device]
+            if len(mine) < self.segments_per_owner:
+                seg.origin = heir
+            else:
+                self._rewrite([seg, min(mine, key=lambda s: (s.payload, s.id))], heir)
 
     # ------------------------------------------------------------------------- manifests
 
@@ -552,11 +592,23 @@ class StorageStore:
             cost = 0
             for k in keys:
                 n = seen.get(k, 0)
-                if n < len(self._index.get((device, k), ())):
+                if not k[0]:
+                    continue
+                have = sum(1 for e in self._index.get((device, k[0]), ()) if e.get_digest() == k[1])
+                if n < have:
                     seen[k] = n + 1
                 else:
                     cost += k[0]
             return cost
+
+    def keys_of(self, owner: Hashable) -> tuple[StorageKey, ...]:
+        """The storage keys of a held model (hashing what was not hashed yet), to keep for
+        ``cost_of`` after the model is released: its placement cost on another device later."""
+        with self.lock:
+            h = self._holdings.get(owner)
+            if h is None:
+                raise KeyError(owner)
+            return tuple((0, b"") if r is None else (r.nbytes, r.get_digest()) for r in h._refs)
 
     def usage(self) -> dict[str, DeviceUsage]:
         """Per device: unique live bytes, resident bytes, reclaimable (dead) bytes, counts."""

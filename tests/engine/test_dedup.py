@@ -191,8 +191,8 @@ def test_sharing_is_per_device(tmp_path: Path, store: StorageStore) -> None:
     half = sum(sd[f"layer{i}.weight"].nbytes for i in range(20))
     assert store.owner_usage("b").own == half
     assert store.usage()["cuda:0"].unique == half
-    assert store.cost_of("cuda:0", hb.keys) == storage_bytes(sd) - half
-    assert store.cost_of("cpu", hb.keys) == 0
+    assert store.cost_of("cuda:0", store.keys_of("b")) == storage_bytes(sd) - half
+    assert store.cost_of("cpu", store.keys_of("b")) == 0
     assert_same(fetch(hb), load(pb))
 
 
@@ -201,8 +201,8 @@ def test_cost_of_a_known_model_is_what_it_would_add(tmp_path: Path, store: Stora
     pb = save(base, tmp_path / "base.pt")
     pf = save(finetune(base, range(4), 1), tmp_path / "ft.pt")
     adopt(store, "base", pb)
-    hf = adopt(store, "ft", pf)
-    keys = hf.keys
+    adopt(store, "ft", pf)
+    keys = store.keys_of("ft")
     own = store.exclusive_bytes("ft")
     store.release("ft")
     assert store.cost_of("cpu", keys) == own
@@ -226,6 +226,30 @@ def test_segments_per_manifest_are_bounded(tmp_path: Path) -> None:
         for h, p in holdings:
             assert len(h.manifest.segments) <= 2
             assert_same(fetch(h), load(p))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("per_owner", [1, 2])
+def test_a_chain_of_replaced_versions_keeps_segments_bounded(tmp_path: Path, per_owner: int) -> None:
+    """Each epoch replaces the last and keeps the embedding of the first: the store must not
+    keep one segment per epoch that ever left storages behind."""
+    store = StorageStore(compact_dead_fraction=0.25, segments_per_owner=per_owner)
+    try:
+        sd = base_state()
+        prev = None
+        for e in range(8):
+            if e:
+                sd = finetune(sd, range(30 + e % 10, 31 + e % 10), e)
+            p = save(sd, tmp_path / f"epoch{e}.pt")
+            h = adopt(store, e, p)
+            if prev is not None:
+                store.release(prev)
+            prev = e
+            store.reap()
+            assert store.fd_count() <= per_owner
+            assert_same(fetch(h), load(p), p.name)
+            assert store.usage()["cpu"].unique == storage_bytes(sd)
     finally:
         store.close()
 
