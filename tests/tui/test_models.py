@@ -88,3 +88,18 @@ def test_state_reports_what_changed():
     clock[0] += 6
     assert state.apply_devices([{"id": "cuda:0", "total": 10, "free": 5}]) is True
     assert len(state.history.samples["cuda:0"]) == 2
+
+
+def test_help_says_who_is_an_operator_the_way_the_config_does():
+    """config/devmapd.toml: empty operator lists mean root only (plus the daemon's own user, see
+    devmapd/wire/peercred.py); the help must not promise a "devmapd group" that is not there."""
+    from pathlib import Path
+
+    from devmapd_tui.help import help_text
+    from tests.tui.helpers import text_of
+
+    config = (Path(__file__).parents[2] / "config" / "devmapd.toml").read_text()
+    assert "Empty lists mean: root only." in config
+    shown = " ".join(text_of(help_text(), width=100).split())
+    assert "devmapd group" not in shown
+    assert "operator_uids / operator_groups" in shown and "Empty lists (the default) mean root only" in shown
