@@ -158,3 +158,17 @@ async def test_resize_within_a_width_band_keeps_the_rows():
         await settle(pilot)
         assert added == [] and table.row_count == len(MODEL_NAMES)
         assert "llama-7b-chat" in visible_models(app)
+
+
+async def test_a_wide_terminal_shows_each_models_reason_in_a_column():
+    app = frozen_app()
+    async with app.run_test(size=(200, 40)) as pilot:
+        await settled(pilot)
+        assert "why" in app._table.column_keys
+        text = screen_text(app)
+        row = next(line for line in text.splitlines() if line.lstrip().startswith("llama-7b-chat"))
+        assert "pinned by operator" in row, row
+        row = next(line for line in text.splitlines() if line.lstrip().startswith("vit-large-split"))
+        assert "split: no single GPU had room" in row, row
+        await pilot.resize_terminal(120, 40)
+        await wait_until(pilot, lambda: "why" not in app._table.column_keys, what="Why dropped at 120")
