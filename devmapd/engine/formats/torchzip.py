@@ -7,6 +7,7 @@ inside the file and to hold exactly the bytes the pickle declares.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 
@@ -72,8 +73,12 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     for info in infos:
         if info.filename in members:   # readers disagree on which duplicate wins: refuse
             raise diagnose.corrupt(path, f"duplicate zip member {info.filename}")
-        if info.flag_bits & 0x1:
+        if not info.filename.startswith(prefix):   # torch.save puts every record in one folder
+            raise diagnose.corrupt(path, f"zip member {info.filename!r} lies outside the archive folder {prefix!r}")
+        if info.flag_bits & _ENCRYPTION_FLAGS:
             raise diagnose.corrupt(path, f"encrypted zip member {info.filename}")
+        if info.volume not in (0, 1):   # "disk number start": torch's reader refuses multi-disk
+            raise diagnose.corrupt(path, f"zip member {info.filename} claims to start on disk {info.volume}")
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise diagnose.corrupt(path, f"compressed zip member {info.filename} (torch.save never compresses)")
         if info.header_offset + info.file_size > f.size:
@@ -82,6 +87,7 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     pkl = members[pkls[0]]
     if pkl.file_size > max_header_bytes:
         raise diagnose.too_large(path, f"a {pkl.file_size}-byte data.pkl", f"{max_header_bytes} bytes (checkpoint.max_header_bytes)")
+    _check_version(zf, members, prefix, path)
     byteorder = _small_record(zf, members.get(prefix + "byteorder"), path)
     if byteorder not in (None, b"little"):
         raise diagnose.unsupported(path, f"a checkpoint saved on a {byteorder!r}-endian machine",
@@ -99,6 +105,12 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
                                          f"holds {info.file_size}")
         if locate:
             rec.offset = _data_offset(f, info)
+    # torch.load reads every record besides the storages too (version, byteorder,
+    # .data/serialization_id, ...) and refuses the file if any local header is damaged.
+    data_prefix = prefix + "data/"
+    for info in infos:
+        if not info.filename.startswith(data_prefix):
+            _data_offset(f, info)
     return Parsed("torch-zip", obj, recs, [f])
 
 
@@ -114,6 +126,25 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes
         return zf.read(info)
     except _ZIP_ERRORS as e:
         raise diagnose.corrupt(path, f"zip member {info.filename} cannot be read: {type(e).__name__}: {e}") from None
+
+
+# general purpose flags torch's reader (miniz) refuses: encrypted, strongly encrypted, masked
+_ENCRYPTION_FLAGS = 0x1 | 0x40 | 0x2000
+# The archive format versions torch reads (caffe2/serialize: kMin/kMaxSupportedFileFormatVersion);
+# torch.save writes 3. Outside this range torch.load refuses the file, so devmapd does too.
+_VERSIONS = range(1, 11)
+_LEADING_INT = re.compile(rb"\s*[+-]?\d+")
+
+
+def _check_version(zf: zipfile.ZipFile, members: dict, prefix: str, path: str) -> None:
+    """torch reads ``.data/version`` (or ``version``) as a number, refusing a missing one."""
+    info = members.get(prefix + ".data/version") or members.get(prefix + "version")
+    if info is None:
+        raise diagnose.corrupt(path, "the archive has no version record")
+    raw = _small_record(zf, info, path) or b""
+    m = _LEADING_INT.match(raw)   # parsed the way torch parses it (strtoll: trailing bytes ignored)
+    if m is None or int(m.group()) not in _VERSIONS:
+        raise diagnose.corrupt(path, f"the archive version record {raw[:16]!r} is not a version torch reads")
 
 
 def _small_record(zf: zipfile.ZipFile, info, path: str) -> bytes | None:
