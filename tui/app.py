@@ -347,6 +347,14 @@ class DevmapdApp(App[int]):
                 self._devices_panel.update_from()
                 self._header.update_from()
                 self._apply_layout()     # a device appeared or went: the panel's height changes
+        elif kind == "problems":
+            # Sent when the daemon's rescan finds new problems or clears old ones (without it
+            # the dashboard learns them at connect and at each safety refresh).
+            for key in ("problems", "pending"):
+                if isinstance(event.get(key), dict):
+                    self.state.daemon[key] = dict(event[key])
+            self._header.update_from()
+            self._note_problems()
         elif kind == "decision":
             action = event.get("action") or "decision"
             name = str(event.get("name") or "")

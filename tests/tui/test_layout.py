@@ -172,3 +172,20 @@ async def test_a_wide_terminal_shows_each_models_reason_in_a_column():
         assert "split: no single GPU had room" in row, row
         await pilot.resize_terminal(120, 40)
         await wait_until(pilot, lambda: "why" not in app._table.column_keys, what="Why dropped at 120")
+
+
+async def test_a_problems_event_updates_header_and_log():
+    from devmapd_tui.app import DevmapdApp
+    from tests.tui.fixed import NOW, FixedClient
+    from tests.tui.test_snapshots import utc
+
+    event = {"type": "problems", "ts": NOW, "problems": {"late.pt": "refused: a socket, not a regular file"},
+             "pending": {}}
+    client = FixedClient(problems={}, extra_events=[event])
+    app = DevmapdApp("/run/devmapd/devmapd.sock", client_factory=lambda: client, clock=lambda: NOW,
+                     time_format=utc, retry_backoff=(600.0,))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: "late.pt: refused" in app._event_log.text(), what="the problem logged")
+        await settle(pilot)
+        assert "1 problem (w)" in screen_text(app).splitlines()[0]
+        assert app.check_action("problems", ()) is True
