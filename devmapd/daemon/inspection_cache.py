@@ -136,9 +136,8 @@ class InspectionCache:
         return self.dir / f"{h.hexdigest()[:40]}.json"
 
     @staticmethod
-    def _digest(listing: Any, record: Any) -> str:
-        blob = json.dumps([listing, record], sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()
+    def _digest(body: bytes) -> str:
+        return hashlib.sha256(body).hexdigest()
 
     def _read_record(self, entry: Path) -> dict[str, Any] | None:
         """The stored document, or None (missing, or refused with a warning)."""
@@ -162,16 +161,24 @@ class InspectionCache:
                 raw = fh.read(MAX_RECORD_BYTES + 1)
         finally:
             os.close(fd)
+        # Line 1: a small header (format, version, the body's SHA-256); then the body.
+        head, sep, body = raw.partition(b"\n")
         try:
-            doc = json.loads(raw)
+            header = json.loads(head)
         except ValueError as exc:
-            return self._reject(entry, f"it is not valid JSON ({exc})")
-        if type(doc) is not dict or doc.get("format") != FORMAT:
+            return self._reject(entry, f"its header is not valid JSON ({exc})")
+        if type(header) is not dict or header.get("format") != FORMAT:
             return self._reject(entry, "it is not an inspection record")
-        if doc.get("version") != VERSION:
-            return self._reject(entry, f"its version {doc.get('version')!r:.20} is not {VERSION}")
-        if doc.get("sha256") != self._digest(doc.get("listing"), doc.get("record")):
+        if header.get("version") != VERSION:
+            return self._reject(entry, f"its version {header.get('version')!r:.20} is not {VERSION}")
+        if not sep or header.get("sha256") != self._digest(body):
             return self._reject(entry, "its checksum does not match (truncated or edited)")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            return self._reject(entry, f"its body is not valid JSON ({exc})")
+        if type(doc) is not dict:
+            return self._reject(entry, "its body is not a JSON object")
         return doc
 
     def _reject(self, entry: Path, why: str) -> None:
@@ -189,8 +196,11 @@ class InspectionCache:
         if doc is None:
             self._count("misses")
             return None
+        if doc.get("model") != os.path.realpath(path):
+            self._reject(entry, "it is for another model")
+            return None
         listing = current_listing(path)
-        if listing is None or doc.get("model") != os.path.realpath(path) or doc.get("listing") != listing:
+        if listing is None or doc.get("listing") != listing:
             self._count("stale")
             return None
         try:
@@ -229,14 +239,15 @@ class InspectionCache:
             if by_name.get(os.path.basename(f.path)) != list(f.identity()):
                 return False   # already changed again: the next load learns the new version
         record = inspection_codec.encode(learned)
-        doc = {"format": FORMAT, "version": VERSION, "model": os.path.realpath(path), "listing": listing,
-               "record": record, "sha256": self._digest(listing, record)}
         entry = self._entry(path, options)
         try:
+            body = json.dumps({"model": os.path.realpath(path), "listing": listing, "record": record},
+                              separators=(",", ":")).encode("ascii")
+            head = json.dumps({"format": FORMAT, "version": VERSION, "sha256": self._digest(body)}).encode("ascii")
             fd, tmp = tempfile.mkstemp(prefix=".insp-", suffix=".tmp", dir=self.dir)
             try:
-                with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
-                    json.dump(doc, fh, separators=(",", ":"))
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(head + b"\n" + body)
                 os.replace(tmp, entry)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -155,18 +155,27 @@ def _entry_file(cache: InspectionCache) -> Path:
 
 
 def _tamper(entry: Path, change) -> None:
-    doc = json.loads(entry.read_text())
+    head, _, body = entry.read_bytes().partition(b"\n")
+    doc = json.loads(body)
     change(doc)
-    doc["sha256"] = InspectionCache._digest(doc["listing"], doc["record"])   # a consistent forgery
-    entry.write_text(json.dumps(doc))
+    body = json.dumps(doc).encode()
+    header = dict(json.loads(head), sha256=InspectionCache._digest(body))   # a consistent forgery
+    entry.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
+def _header(entry: Path, **changes) -> None:
+    head, _, body = entry.read_bytes().partition(b"\n")
+    entry.write_bytes(json.dumps(dict(json.loads(head), **changes)).encode() + b"\n" + body)
 
 
 @pytest.mark.parametrize("damage, why", [
-    (lambda e: e.write_bytes(e.read_bytes()[: len(e.read_bytes()) // 2]), "not valid JSON"),
+    (lambda e: e.write_bytes(e.read_bytes()[: len(e.read_bytes()) // 2]), "checksum"),   # truncated
+    (lambda e: e.write_bytes(e.read_bytes()[:40]), "not valid JSON"),
     (lambda e: e.write_bytes(b"\x00garbage"), "not valid JSON"),
-    (lambda e: e.write_text(json.dumps({"format": "devmapd-inspection", "version": 99})), "version"),
-    (lambda e: e.write_text(json.dumps({"format": "something-else"})), "not an inspection record"),
-    (lambda e: e.write_text(e.read_text().replace('"enc.0', '"ENC.0')), "checksum"),
+    (lambda e: _header(e, version=99), "version"),
+    (lambda e: _header(e, format="something-else"), "not an inspection record"),
+    (lambda e: e.write_bytes(e.read_bytes().replace(b'"enc.0', b'"ENC.0')), "checksum"),
+    (lambda e: _tamper(e, lambda d: d.update(model="/elsewhere")), "another model"),
     (lambda e: _tamper(e, lambda d: d["record"].update(codec=2)), "codec version"),
     (lambda e: _tamper(e, lambda d: d["record"]["storages"][0].__setitem__(1, 1 << 40)), "past the end of its file"),
     (lambda e: _tamper(e, lambda d: d["record"]["storages"][0].__setitem__(3, "os.system")), "unknown dtype"),
