@@ -36,7 +36,7 @@ from typing import Any
 from devmapd.engine import inspection_codec
 from devmapd.engine.checkpoint import ReadOptions
 from devmapd.engine.filenames import is_temporary
-from devmapd.engine.learned import Learned, options_key
+from devmapd.engine.learned import Learned, learn, options_key
 from devmapd.textfmt import safe
 
 log = logging.getLogger("devmapd.cache")
@@ -265,3 +265,15 @@ class InspectionCache:
                 self._entry(path, options).unlink(missing_ok=True)
             except OSError:
                 pass
+
+    def obtain(self, source: Any, options: ReadOptions) -> Learned:
+        """What the load of ``source`` (a ModelSource or path) needs: the stored parse if every file
+        is unchanged, else a fresh one (stored for the next start). Blocking: run it in a thread."""
+        path = str(getattr(source, "path", source))
+        hit = self.lookup(path, options)
+        if hit is not None:
+            return hit
+        learned = learn(source, options)
+        if learned.ok:
+            self.store(path, learned, options)
+        return learned
