@@ -152,17 +152,31 @@ class _Mapped:
 
 
 class _Segment:
-    __slots__ = ("id", "device", "sealed", "mapped", "payload", "live", "retired", "origin")
+    __slots__ = ("id", "device", "sealed", "_mapped", "payload", "live", "retired", "origin")
 
     def __init__(self, sid: int, device: str, sealed: SealedSegment, origin: Hashable):
         self.id = sid
         self.device = device
         self.origin = origin                 # the live owner this segment counts against
         self.sealed = sealed
-        self.mapped = _Mapped(sealed)
+        self._mapped: _Mapped | None = None
         self.payload = 0                     # bytes of every storage placed in it, dead or alive
         self.live: dict[int, _Entry] = {}    # entry id -> entry still held by someone
         self.retired = False
+
+    @property
+    def mapped(self) -> _Mapped:
+        """A read mapping, made on first use and dropped by ``unmap`` at the end of each store
+        operation: holding every segment mapped would cost the daemon page tables for every
+        byte it serves (~0.2 % of it) and fault time it rarely needs again."""
+        if self._mapped is None:
+            self._mapped = _Mapped(self.sealed)
+        return self._mapped
+
+    def unmap(self) -> None:
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
 
     @property
     def live_bytes(self) -> int:
@@ -306,10 +320,15 @@ class StorageStore:
         new_segs = [_Segment(-1, info.device, seg, owner) for info, seg in zip(manifest.segments, segments)]
         with self.lock:
             if owner in self._holdings:
-                for s in new_segs:
-                    s.mapped.close()
                 raise DedupError(f"{owner!r} already holds storages; release it first")
-            return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, new_segs)
+            try:
+                return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, new_segs)
+            finally:
+                self._unmap_all()
+
+    def _unmap_all(self) -> None:
+        for seg in self._segments.values():
+            seg.unmap()
 
     def _adopt_locked(self, owner: Hashable, manifest: Manifest, template: tuple[TensorEntry, ...],
                       storage_of: tuple[int, ...], triples: list[tuple[int, int, int]],
@@ -444,6 +463,7 @@ class StorageStore:
 
     def _retire(self, seg: _Segment) -> None:
         seg.retired = True
+        seg.unmap()
         del self._segments[seg.id]
         self._retired.append(seg)
 
@@ -599,6 +619,7 @@ class StorageStore:
                     seen[k] = n + 1
                 else:
                     cost += k[0]
+            self._unmap_all()
             return cost
 
     def keys_of(self, owner: Hashable) -> tuple[StorageKey, ...]:
@@ -608,7 +629,10 @@ class StorageStore:
             h = self._holdings.get(owner)
             if h is None:
                 raise KeyError(owner)
-            return tuple((0, b"") if r is None else (r.nbytes, r.get_digest()) for r in h._refs)
+            try:
+                return tuple((0, b"") if r is None else (r.nbytes, r.get_digest()) for r in h._refs)
+            finally:
+                self._unmap_all()
 
     def usage(self) -> dict[str, DeviceUsage]:
         """Per device: unique live bytes, resident bytes, reclaimable (dead) bytes, counts."""
@@ -638,7 +662,7 @@ class StorageStore:
             retired, self._retired = self._retired, []
             anchors, self._retired_anchors = self._retired_anchors, []
         for s in retired:
-            s.mapped.close()
+            s.unmap()
             s.sealed.close()
         for a in anchors:
             a.close()
