@@ -65,7 +65,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +282,8 @@ class StorageStore:
         self._next_id = 0
         self.compactions = 0
         self.compacted_bytes = 0
+        self.changes = 0          # bumped by every adopt and release (report's cache key)
+        self._report: tuple[Any, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------------- adding
 
@@ -324,6 +326,7 @@ class StorageStore:
             try:
                 return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, new_segs)
             finally:
+                self.changes += 1
                 self._unmap_all()
 
     def _unmap_all(self) -> None:
@@ -431,6 +434,7 @@ class StorageStore:
             holding = self._holdings.pop(owner, None)
             if holding is None:
                 return 0
+            self.changes += 1
             freed = 0
             touched: dict[int, _Segment] = {}
             for ref in {id(r): r for r in holding._refs if r is not None}.values():
@@ -647,6 +651,37 @@ class StorageStore:
                 u[3] += 1
                 u[4] += len(s.live)
             return {d: DeviceUsage(*v) for d, v in out.items()}
+
+    def report(self, name_of: Callable[[Hashable], str | None] = str) -> dict[str, Any]:
+        """Sharing as plain JSON for status and metrics (cached until the next adopt or release).
+
+        ``{"hash": ..., "devices": {id: {"unique", "resident", "reclaimable", "segments",
+        "storages"}}, "models": {name: {"bytes", "own", "shared", "shared_with": {name: bytes}}}}``;
+        ``name_of(owner)`` names an owner (None leaves it out, e.g. a version being replaced).
+        """
+        with self.lock:
+            names = {o: name_of(o) for o in self._holdings}
+            key = (self.changes, tuple(names.values()))
+            if self._report is not None and self._report[0] == key:
+                return self._report[1]
+            devices = {d: {"unique": u.unique, "resident": u.resident, "reclaimable": u.reclaimable,
+                           "segments": u.segments, "storages": u.storages} for d, u in self.usage().items()}
+            models: dict[str, Any] = {}
+            for owner, name in names.items():
+                if name is None:
+                    continue
+                u = self.owner_usage(owner)
+                with_: dict[str, int] = {}
+                for other, n in u.shared_with.items():
+                    other_name = names.get(other)
+                    if other_name is not None:
+                        with_[other_name] = with_.get(other_name, 0) + n
+                models[name] = {"bytes": u.bytes, "own": u.own, "shared": u.shared,
+                                "shared_with": dict(sorted(with_.items()))}
+            out = {"hash": hash_name(), "devices": devices, "models": models,
+                   "compactions": self.compactions, "compacted_bytes": self.compacted_bytes}
+            self._report = (key, out)
+            return out
 
     def fd_count(self) -> int:
         """Open segment fds the store holds (live and awaiting reap)."""

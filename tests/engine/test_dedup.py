@@ -67,6 +67,11 @@ def test_fine_tunes_of_one_base_hold_the_base_once_plus_their_changes(tmp_path: 
     assert u.shared_with["base"] == base_bytes - u.own
     assert set(u.shared_with) == {"base", "ft2", "ft3"}
     assert store.exclusive_bytes("ft1") == u.own
+    rep = store.report(lambda o: f"models/{o}")
+    assert rep["devices"]["cpu"]["unique"] == base_bytes + changed
+    assert rep["models"]["models/ft1"] == {"bytes": base_bytes, "own": u.own, "shared": base_bytes - u.own,
+                                           "shared_with": {f"models/{o}": n for o, n in sorted(u.shared_with.items())}}
+    assert store.report(lambda o: f"models/{o}") is rep   # cached until the next change
 
 
 def test_releasing_the_base_frees_only_what_nobody_else_uses(tmp_path: Path, store: StorageStore) -> None:
