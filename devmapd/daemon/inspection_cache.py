@@ -30,6 +30,7 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,13 @@ def _fingerprint_of(listing: Listing) -> tuple:
 class InspectionCache:
     """Stored parses under ``state_dir``; thread-safe (lookups and stores run in load threads)."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, enabled: bool = True) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, enabled: bool = True,
+                 scope: Callable[[], tuple[str, ...]] | None = None) -> None:
         self.dir = Path(state_dir) / DIRNAME
         self.enabled = enabled
+        # What else decides whether a parse succeeds: the daemon admits its allowed globals
+        # process-wide (not per read), so a record made under other globals is another record.
+        self._scope = scope or (lambda: ())
         self._lock = threading.Lock()
         self._checked = False
         self.counts = {"hits": 0, "misses": 0, "stale": 0, "rejected": 0, "stored": 0, "racy": 0}
@@ -131,8 +136,9 @@ class InspectionCache:
 
     def _entry(self, path: str, options: ReadOptions) -> Path:
         real = os.path.realpath(path)
-        h = hashlib.sha256(json.dumps([real, list(map(list, options_key(options)[:2])),
-                                       *options_key(options)[2:]]).encode("utf-8", "surrogateescape"))
+        key = options_key(options)
+        h = hashlib.sha256(json.dumps([real, list(key[0]), list(key[1]), *key[2:], list(self._scope())]
+                                      ).encode("utf-8", "surrogateescape"))
         return self.dir / f"{h.hexdigest()[:40]}.json"
 
     @staticmethod
@@ -199,6 +205,9 @@ class InspectionCache:
         if doc.get("model") != os.path.realpath(path):
             self._reject(entry, "it is for another model")
             return None
+        if doc.get("scope") != list(self._scope()):
+            self._count("stale")
+            return None
         listing = current_listing(path)
         if listing is None or doc.get("listing") != listing:
             self._count("stale")
@@ -241,7 +250,8 @@ class InspectionCache:
         record = inspection_codec.encode(learned)
         entry = self._entry(path, options)
         try:
-            body = json.dumps({"model": os.path.realpath(path), "listing": listing, "record": record},
+            body = json.dumps({"model": os.path.realpath(path), "scope": list(self._scope()), "listing": listing,
+                               "record": record},
                               separators=(",", ":")).encode("ascii")
             head = json.dumps({"format": FORMAT, "version": VERSION, "sha256": self._digest(body)}).encode("ascii")
             fd, tmp = tempfile.mkstemp(prefix=".insp-", suffix=".tmp", dir=self.dir)

@@ -231,3 +231,15 @@ def test_other_parse_options_are_another_entry(tmp_path, cache):
     other = checkpoint.ReadOptions(strip_prefixes=())
     assert cache.lookup(str(path), other) is None
     assert cache.lookup(str(path), OPTS) is not None
+
+
+def test_a_record_made_under_other_allowed_globals_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(inspection_cache, "RACY_NS", 0)
+    scope = ["collections.OrderedDict"]
+    cache = InspectionCache(tmp_path / "state", scope=lambda: tuple(scope))
+    path = tmp_path / "m.pt"
+    _save(path, 1)
+    _stored(cache, path)
+    assert cache.lookup(str(path), OPTS) is not None
+    scope.clear()   # the operator narrowed checkpoint.allowed_globals
+    assert cache.lookup(str(path), OPTS) is None
