@@ -235,6 +235,14 @@ class Holding:
         """Bytes of the model's distinct storages (what it would hold alone)."""
         return sum(r.nbytes for r in self._refs if r is not None)
 
+    def placement(self) -> dict[str, int]:
+        """Bytes of the model's storages per device, as if it held them alone (what it serves)."""
+        out: dict[str, int] = {}
+        for r in self._refs:
+            if r is not None:
+                out[r.device] = out.get(r.device, 0) + r.nbytes
+        return out
+
 
 @dataclass(frozen=True)
 class OwnerUsage:
@@ -682,6 +690,18 @@ class StorageStore:
                    "compactions": self.compactions, "compacted_bytes": self.compacted_bytes}
             self._report = (key, out)
             return out
+
+    def savings(self) -> dict[str, int]:
+        """Per device, the bytes the holders' placements count more than once: the sum of every
+        holder's ``placement()`` minus the unique bytes. Subtract it from the summed placements
+        to get what the device really holds."""
+        with self.lock:
+            logical: dict[str, int] = {}
+            for h in self._holdings.values():
+                for d, n in h.placement().items():
+                    logical[d] = logical.get(d, 0) + n
+            unique = {d: u.unique for d, u in self.usage().items()}
+            return {d: n - unique.get(d, 0) for d, n in logical.items() if n - unique.get(d, 0)}
 
     def fd_count(self) -> int:
         """Open segment fds the store holds (live and awaiting reap)."""

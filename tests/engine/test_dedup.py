@@ -72,6 +72,8 @@ def test_fine_tunes_of_one_base_hold_the_base_once_plus_their_changes(tmp_path: 
     assert rep["models"]["models/ft1"] == {"bytes": base_bytes, "own": u.own, "shared": base_bytes - u.own,
                                            "shared_with": {f"models/{o}": n for o, n in sorted(u.shared_with.items())}}
     assert store.report(lambda o: f"models/{o}") is rep   # cached until the next change
+    assert holdings[1].placement() == {"cpu": base_bytes}
+    assert store.savings() == {"cpu": 4 * base_bytes - (base_bytes + changed)}
 
 
 def test_releasing_the_base_frees_only_what_nobody_else_uses(tmp_path: Path, store: StorageStore) -> None:
