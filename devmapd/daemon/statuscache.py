@@ -30,6 +30,7 @@ class StatusCache:
         self._dicts: dict[str, dict[str, Any]] = {}
         self._json: dict[str, bytes] = {}
         self._names: list[str] = []
+        self._counts: dict[str, int] = {}   # models per state, kept as they change
         self.builds = 0   # records (re)built: the tests count them to show status does no per-model work
         for rec in registry.records():
             self._put(rec.to_status())
@@ -37,8 +38,12 @@ class StatusCache:
 
     def _put(self, d: dict[str, Any]) -> None:
         name = d["name"]
-        if name not in self._dicts:
+        old = self._dicts.get(name)
+        if old is None:
             bisect.insort(self._names, name)
+        else:
+            self._count(old.get("state"), -1)
+        self._count(d.get("state"), 1)
         self._dicts[name] = d
         self._json.pop(name, None)
         self.builds += 1
@@ -52,11 +57,23 @@ class StatusCache:
         elif kind == "removed":
             name = event.get("name")
             if name in self._dicts:
-                del self._dicts[name]
+                self._count(self._dicts.pop(name).get("state"), -1)
                 self._json.pop(name, None)
                 i = bisect.bisect_left(self._names, name)
                 if i < len(self._names) and self._names[i] == name:
                     del self._names[i]
+
+    def _count(self, state: Any, n: int) -> None:
+        key = str(state)
+        left = self._counts.get(key, 0) + n
+        if left:
+            self._counts[key] = left
+        else:
+            self._counts.pop(key, None)
+
+    def counts(self) -> dict[str, int]:
+        """Models per state (start-up progress: how many are ready, loading, queued...)."""
+        return dict(self._counts)
 
     def __len__(self) -> int:
         return len(self._names)

@@ -77,6 +77,7 @@ def test_cached_status_records_equal_fresh_ones(sequence):
         fresh = [r.to_status() for r in reg.records()]
         assert cache.models() == fresh
         assert json.loads(cache.models_json()) == json.loads(json.dumps(fresh))
+        assert cache.counts() == {k: v for k, v in reg.counts().items() if v}
 
 
 def test_status_does_no_work_per_model_that_did_not_change():
