@@ -21,6 +21,8 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")   # 30 bytes, signature PK\x03\x0
 
 
 _END_RECORD = struct.Struct("<4sHHHHIIH")         # 22 bytes, signature PK\x05\x06
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")          # 20 bytes, signature PK\x06\x07
+_ZIP64_END = struct.Struct("<4sQHHIIQQQQ")        # 56 bytes, signature PK\x06\x06
 
 
 def _check_end_record(f: OpenedFile) -> None:
@@ -34,6 +36,17 @@ def _check_end_record(f: OpenedFile) -> None:
     _sig, disk, cd_disk, here, total, _size, _offset, comment = _END_RECORD.unpack_from(tail, at)
     if at + _END_RECORD.size + comment != len(tail):
         raise diagnose.corrupt(f.path, "the zip end record does not match the end of the file")
+    loc = at - _ZIP64_LOCATOR.size
+    if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+        # torch.save always writes zip64 records, and torch's reader then trusts them, not the
+        # classic record above: check these the way it does
+        _s, _d, z64_at, disks = _ZIP64_LOCATOR.unpack_from(tail, loc)
+        rel = z64_at - (f.size - len(tail))
+        if disks not in (0, 1) or not 0 <= rel <= loc - _ZIP64_END.size:
+            raise diagnose.corrupt(f.path, "the zip64 end locator is damaged")
+        sig, _n, _v1, _v2, disk, cd_disk, here, total, _size, _offset = _ZIP64_END.unpack_from(tail, rel)
+        if sig != b"PK\x06\x06":
+            raise diagnose.corrupt(f.path, "the zip64 end record is damaged")
     if (disk, cd_disk) not in ((0, 0), (1, 1)) or here != total:
         raise diagnose.corrupt(f.path, "the zip end record describes a multi-disk archive")
 
@@ -89,6 +102,14 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
         raise diagnose.too_large(path, f"a {pkl.file_size}-byte data.pkl", f"{max_header_bytes} bytes (checkpoint.max_header_bytes)")
     _check_version(zf, members, prefix, path)
     byteorder = _small_record(zf, members.get(prefix + "byteorder"), path)
+    if byteorder not in (None, b"little", b"big"):
+        raise diagnose.corrupt(path, f"the byteorder record {byteorder[:16]!r} is neither little nor big")
+    alignment = _small_record(zf, members.get(prefix + ".storage_alignment"), path)
+    if alignment is not None:
+        try:
+            int(alignment)   # torch.load parses it so, and refuses the file when it cannot
+        except ValueError:
+            raise diagnose.corrupt(path, f"the storage alignment record {alignment[:16]!r} is not a number") from None
     if byteorder not in (None, b"little"):
         raise diagnose.unsupported(path, f"a checkpoint saved on a {byteorder!r}-endian machine",
                                    "re-save it on a little-endian machine")
