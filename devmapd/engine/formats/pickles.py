@@ -101,14 +101,14 @@ class StorageCollector:
         return typed
 
     # ------------------------------------------------------------------ tensor views
-    def check_set(self, func: Any, args: tuple, kwargs: dict) -> None:
+    def check_set(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Judge one ``aten::set_`` call before it runs (see the module docstring)."""
         self_t = args[0]
         source = args[1] if len(args) > 1 else kwargs.get("source")
         if source is None:
             return                                  # set_() with no source: an empty tensor
         storage = source.untyped_storage() if isinstance(source, torch.Tensor) else source
-        rec = self._by_cdata.get(getattr(storage, "_cdata", None))
+        rec = self._by_cdata.get(getattr(storage, "_cdata", -1))
         if rec is None:
             return   # not a saved storage: the engine refuses such a tensor when it walks the tree
         dtype = self_t.dtype
@@ -116,6 +116,9 @@ class StorageCollector:
             raise quantized(self.path, dtype)
         itemsize = dtype.itemsize   # torch._utils._element_size has no size for the bits dtypes
         overload = func._overloadname
+        offset: Any
+        size: Any
+        stride: Any
         if overload == "source_Storage":            # the whole storage as a 1-d tensor
             offset, size, stride = 0, [rec.nbytes // itemsize], [1]
         elif overload == "source_Tensor":           # the source's own view, already judged
@@ -191,11 +194,11 @@ _aten = torch.ops.aten
 _STRIDED_VIEWS = (_aten.as_strided, _aten.as_strided_, _aten.as_strided_scatter)
 
 
-class _TensorWatch(TorchDispatchMode):
+class _TensorWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's untyped hook
     """Sees every aten call the unpickler makes while this thread unpickles one object pickle."""
 
     def __init__(self, collector: StorageCollector):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.collector = collector
 
     @classmethod
@@ -204,7 +207,8 @@ class _TensorWatch(TorchDispatchMode):
         # (~1 s, tens of MiB) on the first checkpoint; nothing is ever compiled under this mode.
         return False
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         packet = func.overloadpacket
         if packet is _aten.set_:

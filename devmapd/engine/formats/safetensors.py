@@ -122,8 +122,8 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     return Parsed("safetensors", obj, recs, [f])
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
             raise ValueError(f"duplicate key {k!r:.60}")

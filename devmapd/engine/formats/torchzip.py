@@ -157,7 +157,7 @@ _VERSIONS = range(1, 11)
 _LEADING_INT = re.compile(rb"\s*[+-]?\d+")
 
 
-def _check_version(zf: zipfile.ZipFile, members: dict, prefix: str, path: str) -> None:
+def _check_version(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], prefix: str, path: str) -> None:
     """torch reads ``.data/version`` (or ``version``) as a number, refusing a missing one."""
     info = members.get(prefix + ".data/version") or members.get(prefix + "version")
     if info is None:
