@@ -69,7 +69,15 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from devmapd.engine.arena import ArenaBuilder, Manifest, SealedSegment, SegmentInfo, TensorEntry, layout
+from devmapd.engine.arena import (
+    ArenaBuilder,
+    ArenaError,
+    Manifest,
+    SealedSegment,
+    SegmentInfo,
+    TensorEntry,
+    layout,
+)
 
 __all__ = ["StorageKey", "Holding", "OwnerUsage", "DeviceUsage", "StorageStore", "DedupError",
            "hash_name", "digest_of"]
@@ -291,6 +299,9 @@ class StorageStore:
         self.compactions = 0
         self.compacted_bytes = 0
         self.changes = 0          # bumped by every adopt and release (report's cache key)
+        self.compaction_failures = 0
+        self.last_compaction_error = ""
+        self._pending: set[int] = set()   # segments whose compaction failed, retried at each release
         self._report: tuple[Any, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------------- adding
@@ -301,8 +312,9 @@ class StorageStore:
         ``manifest`` and ``segments`` are a read's (LoadedModel): memfd segments only (a real
         GPU's buffers are not shared here). The store takes ownership of ``segments`` (it
         closes or keeps them; the caller must not use them afterwards) and returns the owner's
-        Holding. Raises DedupError (the segments are then still the caller's) if ``owner`` is
-        already held or the manifest does not match the segments.
+        Holding. If it raises (DedupError: ``owner`` is already held, or the manifest does not
+        match the segments; OSError: no memory to map or hash them), nothing was taken and the
+        segments are still the caller's to close.
         """
         if len(segments) != len(manifest.segments):
             raise DedupError(f"{len(segments)} segments for a manifest naming {len(manifest.segments)}")
@@ -391,7 +403,19 @@ class StorageStore:
                 room = self.max_segments - 1
             keep_segments.update(sid for sid, _ in ranked[:room])
         found = [m if m is None or m.segment.id in keep_segments else None for m in found]
-        # 3. register: matched storages take a reference; new ones become entries of new_segs
+        # 3. a device whose storages are all empty still needs a segment to point them at (made
+        # before anything is registered: from here on nothing raises, so a failed adopt takes
+        # nothing and the caller keeps its segments)
+        anchors: dict[str, SealedSegment] = {}
+        try:
+            for dev in {new_segs[t[0]].device for t in triples if t[2] == 0}:
+                if not any(t[2] and new_segs[t[0]].device == dev for t in triples):
+                    anchors[dev] = ArenaBuilder(f"{self.label}@{dev}", 0).seal()
+        except BaseException:
+            for a in anchors.values():
+                a.close()
+            raise
+        # 4. register: matched storages take a reference; new ones become entries of new_segs
         refs: list[_Entry | None] = []
         for i, (seg_i, off, nb) in enumerate(triples):
             if nb == 0:
@@ -413,10 +437,7 @@ class StorageStore:
                           devices=tuple(new_segs[t[0]].device for t in triples),
                           _template=template, _storage_of=storage_of, _refs=refs)
         self._holdings[owner] = holding
-        # 4. a device whose storages are all empty still needs a segment to point them at
-        for dev in {d for r, d in zip(refs, holding.devices) if r is None}:
-            if not any(r is not None and r.device == dev for r in refs):
-                holding._anchor[dev] = ArenaBuilder(f"{self.label}@{dev}", 0).seal()
+        holding._anchor.update(anchors)
         # 5. the new segments hold dead bytes where storages were found: compact them (or retire
         # them when nothing of theirs is kept).
         for s in new_segs:
@@ -455,6 +476,10 @@ class StorageStore:
                     if not bucket:
                         del self._index[(ref.device, ref.nbytes)]
                     touched[ref.segment.id] = ref.segment
+            for sid in self._pending:   # compactions that failed before: try again
+                if sid in self._segments:
+                    touched[sid] = self._segments[sid]
+            self._pending = set()
             for seg in touched.values():
                 self._settle(seg)
             self._inherit(owner)
@@ -471,7 +496,14 @@ class StorageStore:
             return
         dead = seg.dead_bytes
         if dead and dead > self.compact_dead_fraction * seg.payload:
-            self._compact(seg)
+            try:
+                self._compact(seg)
+            except (ArenaError, OSError) as e:
+                # No memory or fds for the copy now: the segment stays valid with its dead bytes
+                # (reported as reclaimable) and is tried again at the next release.
+                self.compaction_failures += 1
+                self.last_compaction_error = str(e)
+                self._pending.add(seg.id)
 
     def _retire(self, seg: _Segment) -> None:
         seg.retired = True
@@ -531,10 +563,13 @@ class StorageStore:
                     weight[o] = weight.get(o, 0) + e.nbytes
             heir = max(self._holdings, key=lambda o: weight.get(o, 0))
             mine = [s for s in self._segments.values() if s.origin == heir and s.device == seg.device]
-            if len(mine) < self.segments_per_owner:
-                seg.origin = heir
-            else:
-                self._rewrite([seg, min(mine, key=lambda s: (s.payload, s.id))], heir)
+            seg.origin = heir
+            if len(mine) >= self.segments_per_owner:
+                try:
+                    self._rewrite([seg, min(mine, key=lambda s: (s.payload, s.id))], heir)
+                except (ArenaError, OSError) as e:   # over the bound until the next release
+                    self.compaction_failures += 1
+                    self.last_compaction_error = str(e)
 
     # ------------------------------------------------------------------------- manifests
 
@@ -691,16 +726,25 @@ class StorageStore:
             self._report = (key, out)
             return out
 
-    def savings(self) -> dict[str, int]:
+    def savings(self, owners: Iterable[Hashable] | None = None) -> dict[str, int]:
         """Per device, the bytes the holders' placements count more than once: the sum of every
-        holder's ``placement()`` minus the unique bytes. Subtract it from the summed placements
-        to get what the device really holds."""
+        holder's ``placement()`` minus the bytes of the distinct storages they hold. Subtract it
+        from the summed placements of the same owners (default all) to get what the device
+        really holds for them; a version still loading or being replaced is left out by naming
+        only the owners whose placements are summed."""
         with self.lock:
+            chosen = self._holdings if owners is None else {
+                o: self._holdings[o] for o in owners if o in self._holdings}
             logical: dict[str, int] = {}
-            for h in self._holdings.values():
-                for d, n in h.placement().items():
-                    logical[d] = logical.get(d, 0) + n
-            unique = {d: u.unique for d, u in self.usage().items()}
+            distinct: dict[int, _Entry] = {}
+            for h in chosen.values():
+                for r in h._refs:
+                    if r is not None:
+                        logical[r.device] = logical.get(r.device, 0) + r.nbytes
+                        distinct[r.id] = r
+            unique: dict[str, int] = {}
+            for r in distinct.values():
+                unique[r.device] = unique.get(r.device, 0) + r.nbytes
             return {d: n - unique.get(d, 0) for d, n in logical.items() if n - unique.get(d, 0)}
 
     def fd_count(self) -> int:

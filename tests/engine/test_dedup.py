@@ -74,6 +74,9 @@ def test_fine_tunes_of_one_base_hold_the_base_once_plus_their_changes(tmp_path: 
     assert store.report(lambda o: f"models/{o}") is rep   # cached until the next change
     assert holdings[1].placement() == {"cpu": base_bytes}
     assert store.savings() == {"cpu": 4 * base_bytes - (base_bytes + changed)}
+    # ft1 and ft2 hold every base tensor between them, plus their own four each
+    own12 = sum(base[f"layer{i}.weight"].nbytes for i in range(4, 12))
+    assert store.savings(["ft1", "ft2"]) == {"cpu": 2 * base_bytes - (base_bytes + own12)}
 
 
 def test_releasing_the_base_frees_only_what_nobody_else_uses(tmp_path: Path, store: StorageStore) -> None:
@@ -286,6 +289,48 @@ def test_no_fd_outlives_its_storages(tmp_path: Path) -> None:
     store.reap()
     assert store.fd_count() == 0
     assert open_fds() == before
+
+
+def test_a_failed_compaction_leaves_every_model_valid(tmp_path: Path, store: StorageStore,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    base = base_state()
+    pb = save(base, tmp_path / "base.pt")
+    pf = save(finetune(base, range(4), 1), tmp_path / "ft.pt")
+    adopt(store, "base", pb)
+    hf = adopt(store, "ft", pf)
+    real = dedup.ArenaBuilder
+
+    def no_memory(name: str, nbytes: int) -> dedup.ArenaBuilder:
+        raise arena.ArenaError(f"cannot size a {nbytes}-byte arena for {name}: No space left on device")
+
+    monkeypatch.setattr(dedup, "ArenaBuilder", no_memory)
+    freed = store.release("base")
+    assert store.compaction_failures == 1 and "No space left" in store.last_compaction_error
+    assert store.usage()["cpu"].reclaimable == freed     # still resident, and said so
+    assert_same(fetch(hf), load(pf))
+    monkeypatch.setattr(dedup, "ArenaBuilder", real)
+    h2 = adopt(store, "ft2", pf)                        # fully shared with ft
+    store.release("ft2")
+    assert store.usage()["cpu"].reclaimable == 0         # compacted at the next release
+    store.reap()
+    assert_same(fetch(store.holding("ft")), load(pf))
+    assert h2.owner == "ft2"
+
+
+def test_a_failed_adopt_takes_nothing(tmp_path: Path, store: StorageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = save(base_state(), tmp_path / "a.pt")
+    adopt(store, "a", p)
+
+    def cannot_map(buf: memoryview) -> bytes:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(dedup, "digest_of", cannot_map)
+    loaded = checkpoint.read(p)
+    with pytest.raises(OSError):
+        store.adopt("b", loaded.manifest, loaded.segments)
+    assert store.holding("b") is None and all(s.fd >= 0 for s in loaded.segments)
+    assert store.usage()["cpu"].segments == 1
+    loaded.close()
 
 
 def test_adopt_refuses_what_it_cannot_share(tmp_path: Path, store: StorageStore) -> None:
