@@ -344,3 +344,38 @@ def test_adopt_refuses_what_it_cannot_share(tmp_path: Path, store: StorageStore)
         store.adopt("b", gpu, loaded.segments)
     loaded.close()   # refused: still the caller's to close
     assert isinstance(arena.Manifest, type)
+
+
+def test_adopts_and_releases_from_several_threads_keep_the_books(tmp_path: Path) -> None:
+    """Loads run in worker threads while the event loop releases: the lock keeps them apart."""
+    import threading
+
+    store = StorageStore(compact_dead_fraction=0.0)
+    base = base_state()
+    paths = [save(finetune(base, range(j, j + 2), j), tmp_path / f"m{j}.pt") for j in range(6)]
+    errors: list[BaseException] = []
+
+    def churn(j: int) -> None:
+        try:
+            for round_ in range(3):
+                adopt(store, (j, round_), paths[j])
+                if round_:
+                    store.release((j, round_ - 1))
+        except BaseException as e:   # reported below: a thread's failure must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(j,)) for j in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        store.reap()
+        assert sorted(store.owners()) == [(j, 2) for j in range(6)]
+        for j in range(6):
+            assert_same(fetch(store.holding((j, 2))), load(paths[j]))
+        distinct = {t.numpy().tobytes() for p in paths for t in load(p).values()}
+        assert store.usage()["cpu"].unique == sum(len(b) for b in distinct)
+    finally:
+        store.close()
