@@ -7,12 +7,19 @@ several). The rules:
 
 * Demote. On a GPU whose ``free < low`` where devmapd holds unpinned models, move the least
   recently fetched first until the projected free (``free`` + bytes moved off) is ``>= high``.
+  Models no client holds go before held ones: a held model's GPU block stays until its clients
+  let go, so demoting it frees nothing now. (Its bytes still count as moved off, or every held
+  model on the GPU would be demoted in one poll.) The caller counts moves still in flight as
+  already made (their bytes off the source, onto the target) before it calls, so one squeeze
+  is answered once, not again at every poll until the first moves land.
   Target: another GPU that stays at or above ``high`` after taking it and has room under the
   planner's capacity rules (policy picks which: best-fit or spread); else ``"cpu"``. A part of
   a split model always goes to ``"cpu"`` (the daemon re-places the whole model).
 * Promote. A demoted model (``home`` set and not where it sits) goes back home when the home
   GPU has had ``free >= high + charge(model)`` continuously for ``cooldown_s`` and devmapd still
-  has room there. The most recently fetched go first.
+  has room there. A model demoted to the CPU whose home has no such room goes to another GPU
+  that has (policy picks which), so every demoted model gets back onto a GPU that fits. The
+  most recently fetched go first.
 * Hysteresis. Demotion starts below ``low`` and promotion needs ``high`` plus the model, so a
   promotion never by itself pushes a GPU back under ``low``.
 * No flapping. A model moved in the last ``cooldown_s`` is never moved in the opposite
@@ -44,6 +51,7 @@ class Holding:
     last_fetch: float  # unix seconds; 0 when never fetched
     pinned: bool
     home: str | None  # where the model belongs when it was demoted; None when it is at home
+    clients: int = 0  # leases live clients hold on it (their imports pin its GPU block)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class Move:
     source: str
     target: str
     reason: str
+    direction: str = "demote"  # "demote" | "promote"
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class _Model:
     home: str | None
     last_fetch: float
     parts: dict[str, int]  # device -> bytes
+    clients: int = 0
 
     @property
     def total(self) -> int:
@@ -102,6 +112,7 @@ def _models(holdings: Sequence[Holding]) -> dict[str, _Model]:
         m.pinned = m.pinned or h.pinned
         m.home = m.home or h.home
         m.last_fetch = max(m.last_fetch, h.last_fetch)
+        m.clients = max(m.clients, h.clients)
         m.parts[h.device] = m.parts.get(h.device, 0) + max(0, h.bytes)
     return out
 
@@ -140,9 +151,10 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
             (m for m in models.values()
              if dev in m.parts and not m.pinned and m.name not in moved
              and not _blocked(last, m.name, DEMOTE, now, marks.cooldown_s)),
-            # Least recently fetched first; among equals the biggest, which frees the most with the
+            # Unheld before held (demoting a held model frees nothing until its clients let go);
+            # then least recently fetched; among equals the biggest, which frees the most with the
             # fewest moves (demoting a few KiB first only to move the big model anyway is churn).
-            key=lambda m: (m.last_fetch, -m.parts[dev], m.name),
+            key=lambda m: (m.clients > 0, m.last_fetch, -m.parts[dev], m.name),
         )
         observed = projected_free(dev)  # what triggered the demotions, before any of them
         for m in candidates:
@@ -187,26 +199,46 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
          and m.name not in moved),
         key=lambda m: (-m.last_fetch, m.name),
     )
+    def fits(dev: str, cost: int) -> bool:
+        g = by_id[dev]
+        return (not g.lost and dev not in pressured and projected_free(dev) >= marks.high + cost
+                and room_for_devmapd(dev) >= cost)
+
     for m in waiting:
         home = by_id[m.home]  # type: ignore[index]
         cost = charge(m.total, policy.overhead)
-        has_room = not home.lost and home.free >= marks.high + cost
-        if not has_room:
+        home_has_room = not home.lost and home.free >= marks.high + cost
+        # Only a model on the CPU alone looks elsewhere: one on another GPU is on a GPU already.
+        elsewhere = [] if home_has_room or set(m.parts) != {"cpu"} else [
+            t for t in order if t != home.id and not by_id[t].lost and by_id[t].free >= marks.high + cost]
+        if not home_has_room and not elsewhere:
             room_since.pop(m.name, None)
             continue
         since = room_since.setdefault(m.name, now)
         if now - since < marks.cooldown_s or _blocked(last, m.name, PROMOTE, now, marks.cooldown_s):
             continue
-        if home.id in pressured or projected_free(home.id) < marks.high + cost or room_for_devmapd(home.id) < cost:
-            continue  # earlier moves this poll took the room
+        if home_has_room:
+            if not fits(home.id, cost):
+                continue  # earlier moves this poll took the room
+            target = home.id
+            why = "back home"
+        else:
+            fitting = [t for t in elsewhere if fits(t, cost)]
+            if not fitting:
+                continue
+            if policy.mode == "spread":
+                target = max(fitting, key=lambda t: (projected_free(t), -order.index(t)))
+            else:
+                target = min(fitting, key=lambda t: (projected_free(t), order.index(t)))
+            why = f"back on a GPU ({home.id}, where it was demoted from, has no room for it)"
         source = max(m.parts, key=lambda d: (m.parts[d], d))
-        incoming[home.id] = incoming.get(home.id, 0) + cost
+        incoming[target] = incoming.get(target, 0) + cost
         moved.add(m.name)
-        last[m.name] = LastMove(source, home.id, now, PROMOTE)
+        last[m.name] = LastMove(source, target, now, PROMOTE)
         room_since.pop(m.name, None)
-        moves.append(Move(m.name, source, home.id, (
-            f"{home.id} has had free >= high watermark + model ({fmt_bytes(marks.high + cost)}) "
-            f"for {now - since:.0f}s: back home")))
+        moves.append(Move(m.name, source, target, (
+            f"{target} has had free >= high watermark + model ({fmt_bytes(marks.high + cost)}) "
+            f"for {now - since:.0f}s: {why}"), PROMOTE))
 
     waiting_names = {m.name for m in waiting}
     room_since = {n: t for n, t in room_since.items() if n in waiting_names}

@@ -27,6 +27,17 @@ from devmapd.wire.protocol import encode_manifest
 log = logging.getLogger("devmapd.daemon.loader")
 
 
+class UploadError(RuntimeError):
+    """The checkpoint read fine but copying it to a real GPU failed (no usable CUDA in the
+    daemon, or out of GPU memory because another process took it since the snapshot). The load
+    queue then serves the model from the CPU instead of failing it."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"cannot upload to {device}: {reason}")
+        self.device = device
+        self.reason = reason
+
+
 @dataclass
 class ServedVersion:
     """One immutable version of a model, as clients receive it."""
@@ -106,7 +117,8 @@ def load_version(
 
     ``cuda_index_of(device_id)`` returns the local torch CUDA index of a REAL GPU
     device id, or None for cpu and simulated devices (which stay memfds).
-    Raises :class:`checkpoint.CheckpointError` with a diagnosis on failure.
+    Raises :class:`checkpoint.CheckpointError` with a diagnosis when the file cannot be read,
+    :class:`UploadError` when a GPU upload fails (everything read is released first).
     """
     started = time.perf_counter()
     loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
@@ -122,7 +134,12 @@ def load_version(
 
             sealed = segments[i]
             assert sealed is not None
-            gpu = cuda_share.GpuSegment.upload(sealed, index)
+            try:
+                gpu = cuda_share.GpuSegment.upload(sealed, index)
+            except cuda_share.CudaShareError as exc:
+                raise UploadError(info.device, str(exc)) from exc
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one; other CUDA errors too
+                raise UploadError(info.device, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
             gpu_segments[i] = gpu
             # No IPC export here: each export takes one torch ref-counter slot that exactly one
             # consumer gives back, so the daemon exports once per fetch (manifest_for_client).

@@ -37,7 +37,7 @@ from devmapd import planner
 from devmapd.config import Config
 from devmapd.daemon import handoff
 from devmapd.daemon.inventory import Capacity
-from devmapd.daemon.loader import ServedVersion, load_version
+from devmapd.daemon.loader import ServedVersion, UploadError, load_version
 from devmapd.daemon.registry import ModelRecord, Registry, TransitionError
 from devmapd.engine import checkpoint
 from devmapd.textfmt import placement_text
@@ -79,6 +79,10 @@ class LoadQueue:
     def busy(self, name: str) -> bool:
         """Queued or loading: a move decided now would race the load already coming."""
         return name in self._queued or name in self._loading
+
+    def moves_in_flight(self) -> dict[str, str]:
+        """Pressure moves asked for and not yet landed: name -> target ("" = wherever there is room)."""
+        return {name: target for name, (target, _why) in self._forced.items()}
 
     def queued(self) -> list[str]:
         return sorted(self._queued)
@@ -227,11 +231,28 @@ class LoadQueue:
                 loop.call_soon_threadsafe(self._progress, rec, attempt, frac)
 
         started = time.perf_counter()
+
+        def read(where: planner.Placement) -> ServedVersion:
+            return load_version(rec.source, generation, self._read_options(rec), device_of=self._device_of(where),
+                                cuda_index_of=self._capacity.cuda_index_of,
+                                keep_host_copy=self._config().placement.keep_host_copy, progress=progress)
+
         try:
-            version = await asyncio.to_thread(
-                load_version, rec.source, generation, self._read_options(rec), device_of=self._device_of(placement),
-                cuda_index_of=self._capacity.cuda_index_of, keep_host_copy=self._config().placement.keep_host_copy,
-                progress=progress)
+            try:
+                version = await asyncio.to_thread(read, placement)
+            except UploadError as exc:
+                if not self._still_wanted(rec, attempt):
+                    return
+                # The GPU could not take it (no usable CUDA, or out of memory since the snapshot):
+                # serve it from the CPU rather than fail a model that reads fine.
+                log.warning("%s: %s; serving it from the CPU", name, exc)
+                self._forced.pop(name, None)  # a pressure move's reason no longer says where it is
+                placement = planner.Placement(
+                    name=name, kind="cpu", devices=(("cpu", insp.bytes),),
+                    reason=f"on the CPU: the upload to {exc.device} failed ({exc.reason}); remap or reload it to try "
+                           f"the GPU again")
+                rec.planned = dict(placement.devices)
+                version = await asyncio.to_thread(read, placement)
         except checkpoint.CheckpointError as exc:
             if self._still_wanted(rec, attempt):
                 self._fail(rec, exc.diagnosis)

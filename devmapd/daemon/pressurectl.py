@@ -2,15 +2,19 @@
 
 :class:`PressureController` owns the pressure state carried between polls (each model's last
 move, since when its home GPU has had room) and decides, once per poll, which models leave a
-crowded or lost GPU and which go back home: it builds the holdings from the registry, asks
-:func:`devmapd.pressure.evaluate`, records each model's ``home`` and hands every move to the
-load queue through the small :class:`Mover` protocol (the queue re-reads the model onto the
-target; the current version keeps serving meanwhile). It never loads anything itself, so it can
+crowded or lost GPU and which go back to a GPU: it builds the holdings from the registry,
+counts the moves still in flight as made (so one squeeze is not answered again at every poll
+until the first moves land), asks :func:`devmapd.pressure.evaluate`, keeps each model's
+``home`` until a promotion has actually landed on a GPU (a promotion the planner had to defer is
+tried again after the cooldown) and hands every move to the load queue through the small
+:class:`Mover` protocol (the queue re-reads the model onto the target; the current version
+keeps serving meanwhile). It never loads anything itself, so it can
 be driven in a test with a stand-in mover and capacity view and a clock of the test's choosing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ class Mover(Protocol):
     """What a move needs from the load queue."""
 
     def busy(self, name: str) -> bool: ...
+    def moves_in_flight(self) -> dict[str, str]: ...  # name -> target ("" = anywhere)
     def request_move(self, rec: ModelRecord, target: str, why: str, message: str) -> None: ...
 
 
@@ -50,6 +55,7 @@ class PressureController:
         self._on_demote = on_demote  # metrics: demotions per model
         self._clock = clock
         self._state = pressure.PressureState()
+        self._promoting: dict[str, str] = {}  # name -> GPU a promotion of it was sent to (home kept till it lands)
 
     def watermarks(self) -> pressure.Watermarks:
         p = self._config().pressure
@@ -59,9 +65,11 @@ class PressureController:
     def poll(self) -> None:
         """One pressure pass: evacuate lost GPUs, then demote and promote as the rules say."""
         self._evacuate_lost()
+        self._settle_promotions()
         gpus, _host = self._capacity.capacities()
         if not gpus:
             return
+        gpus = self._with_moves_in_flight(gpus)
         holdings = []
         for rec in self._registry.records():
             if rec.state != "ready" or rec.serving is None:
@@ -70,16 +78,52 @@ class PressureController:
                 holdings.append(pressure.Holding(name=rec.name, device=device, bytes=nbytes,
                                                  # never fetched = least recently fetched (ties go biggest-first)
                                                  last_fetch=rec.last_fetch or 0.0,
-                                                 pinned=rec.pin is not None, home=rec.home))
+                                                 pinned=rec.pin is not None, home=rec.home,
+                                                 clients=rec.clients))
         moves, self._state = pressure.evaluate(gpus, holdings, self._state, self._clock(), self.watermarks(),
                                                self._capacity.policy())
         for move in moves:
             rec = self._registry.get(move.name)
             if rec is None or self._mover.busy(rec.name) or rec.state == "loading":
                 continue
-            promoting = rec.home is not None and move.target == rec.home
-            rec.home = None if promoting else (rec.home or move.source)
+            promoting = move.direction == pressure.PROMOTE
+            if promoting:
+                self._promoting[rec.name] = move.target  # home is cleared once it has landed there
+            else:
+                rec.home = rec.home or move.source
             self._move(rec, "promoted" if promoting else "demoted", move.source, move.target, move.reason)
+
+    def _settle_promotions(self) -> None:
+        """A promotion that landed ends the model's exile; one that did not is tried again later."""
+        for name, target in list(self._promoting.items()):
+            rec = self._registry.get(name)
+            if rec is None:
+                del self._promoting[name]
+            elif not self._mover.busy(name) and rec.state != "loading":
+                del self._promoting[name]
+                if target in rec.placement:
+                    rec.home = None
+
+    def _with_moves_in_flight(self, gpus: list[planner.DeviceCapacity]) -> list[planner.DeviceCapacity]:
+        """The GPUs as they will be once the moves under way land: off their source, onto their target."""
+        released: dict[str, int] = {}
+        incoming: dict[str, int] = {}
+        policy = self._capacity.policy()
+        for name, target in self._mover.moves_in_flight().items():
+            rec = self._registry.get(name)
+            if rec is None:
+                continue
+            for device, nbytes in rec.placement.items():
+                if device != target:
+                    released[device] = released.get(device, 0) + nbytes
+            if target and target != "cpu" and target not in rec.placement:
+                nbytes = sum(rec.placement.values()) or sum(rec.planned.values())
+                incoming[target] = incoming.get(target, 0) + planner.charge(nbytes, policy.overhead)
+        if not released and not incoming:
+            return gpus
+        return [dataclasses.replace(g, free=g.free + released.get(g.id, 0) - incoming.get(g.id, 0),
+                                    held=max(0, g.held - released.get(g.id, 0) + incoming.get(g.id, 0)))
+                for g in gpus]
 
     def _evacuate_lost(self) -> None:
         """Models on a GPU that fell off the bus are read again onto a device that is there."""

@@ -23,6 +23,7 @@ from devmapd.daemon.inventory import Inventory
 from devmapd.daemon.loading import LoadQueue
 from devmapd.daemon.pressurectl import PressureController
 from devmapd.daemon.registry import ModelRecord, Registry
+from tests import harness
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -139,6 +140,44 @@ async def test_a_fetch_waits_for_the_attempt_and_a_dropped_load_is_not_installed
         inventory.close()
 
 
+class ClaimsARealGpu(Inventory):
+    """The simulated inventory, except that it says cuda:0 is a real GPU: the load then really
+    tries the CUDA upload, which the CPU-only torch here refuses (as a daemon whose torch cannot
+    use CUDA, or a GPU out of memory since the snapshot, would)."""
+
+    def cuda_index_of(self, device_id: str) -> int | None:
+        return 0 if device_id == "cuda:0" else None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA to make the upload fail")
+async def test_a_failed_gpu_upload_leaves_the_model_on_the_cpu_not_failed(tmp_path: Path) -> None:
+    models, sim = tmp_path / "models", tmp_path / "gpus.json"
+    models.mkdir()
+    expected = {"w": torch.arange(10, dtype=torch.float32)}
+    torch.save(expected, models / "m.pt")
+    harness.write_simulate(sim, [harness.sim_gpu(0, 1024)])
+    source = names.scan(models)["m"]
+    registry = Registry()
+    cfg = Config(model_dir=str(models), devices=DevicesConfig(simulate=str(sim), reserve_mib=0))
+    inventory = ClaimsARealGpu(registry, lambda: cfg)
+    await inventory.open()
+    queue = LoadQueue(registry, inventory, lambda: cfg, models)
+    rec = registry.add(ModelRecord(name="m", path=str(source.path), source=source, fingerprint=names.fingerprint(source)))
+    worker = asyncio.create_task(queue.worker())
+    try:
+        await asyncio.wait_for(queue.load_now(rec, "m: fetched"), 60)
+        assert rec.state == "ready" and rec.diagnosis is None, (rec.state, rec.error)
+        assert list(rec.placement) == ["cpu"]
+        assert "upload to cuda:0 failed" in rec.reason and "CUDA is not available" in rec.reason
+        assert rec.serving.gpu_segments == {}
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        if rec.serving is not None:
+            rec.serving.close()
+        inventory.close()
+
+
 # ---------------------------------------------------------------------------------- pressure
 @dataclasses.dataclass
 class Gpus:
@@ -165,17 +204,32 @@ class Gpus:
 
 
 class Mover:
-    """Records the moves handed to it, the way the load queue would receive them."""
+    """Takes moves the way the load queue does (the record goes to queued, the move is in
+    flight) and lands them when the test says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
         self.moves: list[tuple[str, str, str]] = []
         self.busy_names: set[str] = set()
+        self.inflight: dict[str, str] = {}
 
     def busy(self, name: str) -> bool:
-        return name in self.busy_names
+        return name in self.busy_names or name in self.inflight
+
+    def moves_in_flight(self) -> dict[str, str]:
+        return dict(self.inflight)
 
     def request_move(self, rec: ModelRecord, target: str, why: str, message: str) -> None:
         self.moves.append((rec.name, target, why))
+        self.inflight[rec.name] = target
+        self.registry.transition(rec, "queued", message)
+
+    def land(self, name: str, device: str) -> None:
+        rec = self.registry.get(name)
+        assert rec is not None
+        del self.inflight[name]
+        self.registry.transition(rec, "loading", f"{name}: loading")
+        self.registry.transition(rec, "ready", f"{name}: ready", placement={device: sum(rec.placement.values())})
 
 
 def _ready(registry: Registry, name: str, device: str, nbytes: int, *, last_fetch: float = 0.0,
@@ -199,7 +253,7 @@ def test_pressure_demotes_the_stalest_unpinned_model_and_brings_it_home_after_th
     _ready(registry, "fresh", "cuda:0", 3 * GIB, last_fetch=900.0)
     _ready(registry, "pinned", "cuda:0", 5 * GIB, pin="cuda:0")
     gpus = Gpus(free={"cuda:0": 1 * GIB, "cuda:1": 12 * GIB}, registry=registry)
-    mover, now, demoted = Mover(), [1000.0], []
+    mover, now, demoted = Mover(registry), [1000.0], []
     ctl = _controller(registry, gpus, mover, now, demoted)
 
     ctl.poll()  # 1 GiB free < 2 GiB low: one 3 GiB model off brings it to 4 GiB = high
@@ -208,10 +262,18 @@ def test_pressure_demotes_the_stalest_unpinned_model_and_brings_it_home_after_th
     assert stale.home == "cuda:0" and demoted == ["stale"]
     assert decisions[-1]["action"] == "demoted" and decisions[-1]["from"] == "cuda:0"
 
+    # While that move is under way the GPU still reads 1 GiB free: no second demotion for the
+    # same squeeze (the move in flight counts as made).
+    now[0] = 1000.5
+    ctl.poll()
+    assert [n for n, _, _ in mover.moves] == ["stale"]
+
     # It landed on cuda:1; cuda:0 has room again. Nothing comes back before the cooldown.
-    stale.placement = {"cuda:1": 3 * GIB}
-    gpus.free = {"cuda:0": 12 * GIB, "cuda:1": 9 * GIB}
+    mover.land("stale", "cuda:1")
+    gpus.free = {"cuda:0": 4 * GIB, "cuda:1": 9 * GIB}
     mover.moves.clear()
+    ctl.poll()
+    gpus.free = {"cuda:0": 12 * GIB, "cuda:1": 9 * GIB}
     for t in (1001.0, 1005.0):
         now[0] = t
         ctl.poll()
@@ -220,7 +282,30 @@ def test_pressure_demotes_the_stalest_unpinned_model_and_brings_it_home_after_th
     ctl.poll()
     assert [(n, t) for n, t, _ in mover.moves] == [("stale", "cuda:0")]
     assert mover.moves[0][2].startswith("promoted from cuda:1: ")
-    assert stale.home is None and decisions[-1]["action"] == "promoted"
+    assert decisions[-1]["action"] == "promoted"
+    assert stale.home == "cuda:0"  # kept until the promotion has landed there
+    now[0] = 1013.0
+    mover.land("stale", "cuda:0")
+    ctl.poll()
+    assert stale.home is None and len(mover.moves) == 1
+
+
+def test_a_promotion_that_did_not_land_is_tried_again() -> None:
+    registry = Registry()
+    m = _ready(registry, "m", "cpu", 1 * GIB)
+    m.home = "cuda:0"
+    gpus = Gpus(free={"cuda:0": 12 * GIB}, registry=registry)
+    mover, now = Mover(registry), [0.0]
+    ctl = _controller(registry, gpus, mover, now)
+    ctl.poll()
+    now[0] = 11.0
+    ctl.poll()
+    assert [(n, t) for n, t, _ in mover.moves] == [("m", "cuda:0")]
+    mover.land("m", "cpu")  # the planner deferred it: it stays on the CPU
+    for t in (12.0, 23.0):
+        now[0] = t
+        ctl.poll()
+    assert m.home == "cuda:0" and [(n, t) for n, t, _ in mover.moves] == [("m", "cuda:0")] * 2
 
 
 def test_pressure_leaves_busy_and_pinned_models_alone() -> None:
@@ -228,7 +313,7 @@ def test_pressure_leaves_busy_and_pinned_models_alone() -> None:
     _ready(registry, "loading-already", "cuda:0", 3 * GIB)
     _ready(registry, "pinned", "cuda:0", 3 * GIB, pin="cuda:0")
     gpus = Gpus(free={"cuda:0": 1 * GIB}, registry=registry)
-    mover = Mover()
+    mover = Mover(registry)
     mover.busy_names.add("loading-already")
     _controller(registry, gpus, mover, [0.0]).poll()
     assert mover.moves == []
@@ -240,6 +325,6 @@ def test_models_leave_a_lost_gpu_for_wherever_the_planner_finds_room() -> None:
     _ready(registry, "a", "cuda:0", 1 * GIB)
     _ready(registry, "b", "cuda:1", 1 * GIB)
     gpus = Gpus(free={"cuda:0": 15 * GIB, "cuda:1": 15 * GIB}, registry=registry, lost={"cuda:0": "fell off the bus"})
-    mover = Mover()
+    mover = Mover(registry)
     _controller(registry, gpus, mover, [0.0]).poll()
     assert mover.moves == [("a", "", "demoted from cuda:0: cuda:0 was lost (fell off the bus)")]

@@ -226,3 +226,32 @@ def test_demotion_restores_high_watermark_when_enough_unpinned_bytes(scenario, d
             assert off == 0  # no pressure, no demotion
             if onto:
                 assert g.free - onto >= MARKS.high  # a target is never pushed under high
+
+
+# ---- clients, and getting everyone back ----------------------------------------------------
+
+def test_models_no_client_holds_are_demoted_before_held_ones() -> None:
+    # "held" is the least recently fetched, but a client holds it: demoting it frees nothing now.
+    holdings = [Holding("held", "cuda:0", 3 * G, 10.0, False, None, clients=2),
+                Holding("free", "cuda:0", 3 * G, 500.0, False, None)]
+    moves, _ = evaluate([gpu(0, 1, held_gib=6), gpu(1, 20)], holdings, PressureState(), 1000.0, MARKS, POLICY)
+    assert names(moves) == [("free", "cuda:0", "cuda:1")]
+
+
+def test_a_demoted_model_whose_home_is_full_goes_to_another_gpu_after_the_cooldown() -> None:
+    # cuda:0 (home) took other work; cuda:1 has room: after the cooldown the model leaves the CPU.
+    holdings = [hold("m", "cpu", 2, home="cuda:0")]
+    gpus = [gpu(0, 3), gpu(1, 20)]
+    moves, state = evaluate(gpus, holdings, PressureState(), 0.0, MARKS, POLICY)
+    assert moves == []
+    moves, _ = evaluate(gpus, holdings, state, 31.0, MARKS, POLICY)
+    assert names(moves) == [("m", "cpu", "cuda:1")] and moves[0].direction == "promote"
+    assert "cuda:1 has had free" in moves[0].reason and "cuda:0" in moves[0].reason
+
+
+def test_home_is_preferred_when_it_has_room() -> None:
+    holdings = [hold("m", "cpu", 2, home="cuda:1")]
+    gpus = [gpu(0, 20), gpu(1, 20)]
+    _, state = evaluate(gpus, holdings, PressureState(), 0.0, MARKS, POLICY)
+    moves, _ = evaluate(gpus, holdings, state, 31.0, MARKS, POLICY)
+    assert names(moves) == [("m", "cpu", "cuda:1")] and moves[0].reason.endswith("back home")
