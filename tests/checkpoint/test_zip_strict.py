@@ -61,6 +61,12 @@ def zip64_disk(data: bytes) -> bytes:
     return bytes(b)
 
 
+def zip64_record_size(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[len(b) - 22 - 20 - 56 + 4] = 0    # the zip64 end record's own size: 44 -> 0
+    return bytes(b)
+
+
 def member_outside_folder(data: bytes) -> bytes:
     b = bytearray(data)
     at = _central(data, "version") + 46
@@ -104,7 +110,8 @@ def damaged_local_header(name: str) -> Callable[[bytes], bytes]:
     return damage
 
 
-CASES = [prepended, byte_deleted_before_directory, multi_disk, zip64_disk, member_outside_folder, masked_flag,
+CASES = [prepended, byte_deleted_before_directory, multi_disk, zip64_disk, zip64_record_size,
+         member_outside_folder, masked_flag,
          no_version_record, record("version", b"99\n"), record("version", b"x"),
          record(".storage_alignment", b"4P"), record("byteorder", b"lottle"), damaged_local_header(".data/serialization_id"),
          damaged_local_header("byteorder"), damaged_local_header("version")]

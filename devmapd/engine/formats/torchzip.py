@@ -44,8 +44,9 @@ def _check_end_record(f: OpenedFile) -> None:
         rel = z64_at - (f.size - len(tail))
         if disks not in (0, 1) or not 0 <= rel <= loc - _ZIP64_END.size:
             raise diagnose.corrupt(f.path, "the zip64 end locator is damaged")
-        sig, _n, _v1, _v2, disk, cd_disk, here, total, _size, _offset = _ZIP64_END.unpack_from(tail, rel)
-        if sig != b"PK\x06\x06":
+        sig, rec_size, _v1, _v2, disk, cd_disk, here, total, _size, _offset = _ZIP64_END.unpack_from(tail, rel)
+        # rec_size counts the record after its first 12 bytes; torch's reader refuses a short one
+        if sig != b"PK\x06\x06" or rec_size < _ZIP64_END.size - 12:
             raise diagnose.corrupt(f.path, "the zip64 end record is damaged")
     if (disk, cd_disk) not in ((0, 0), (1, 1)) or here != total:
         raise diagnose.corrupt(f.path, "the zip end record describes a multi-disk archive")
