@@ -113,7 +113,8 @@ def damaged_local_header(name: str) -> Callable[[bytes], bytes]:
 CASES = [prepended, byte_deleted_before_directory, multi_disk, zip64_disk, zip64_record_size,
          member_outside_folder, masked_flag,
          no_version_record, record("version", b"99\n"), record("version", b"x"),
-         record(".storage_alignment", b"4P"), record("byteorder", b"lottle"), damaged_local_header(".data/serialization_id"),
+         record(".storage_alignment", b"4P"),
+         record(".data/serialization_id", b"\xb4" * 40), record("byteorder", b"lottle"), damaged_local_header(".data/serialization_id"),
          damaged_local_header("byteorder"), damaged_local_header("version")]
 
 

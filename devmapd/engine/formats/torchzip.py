@@ -105,6 +105,12 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     byteorder = _small_record(zf, members.get(prefix + "byteorder"), path)
     if byteorder not in (None, b"little", b"big"):
         raise diagnose.corrupt(path, f"the byteorder record {byteorder[:16]!r} is neither little nor big")
+    serial = _small_record(zf, members.get(prefix + ".data/serialization_id"), path)
+    if serial is not None:
+        try:
+            serial.decode("utf-8")   # torch.load hands it on as text and fails when it is not
+        except UnicodeDecodeError:
+            raise diagnose.corrupt(path, "the serialization id record is not text") from None
     alignment = _small_record(zf, members.get(prefix + ".storage_alignment"), path)
     if alignment is not None:
         try:
