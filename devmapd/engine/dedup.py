@@ -345,6 +345,10 @@ class StorageStore:
                 raise DedupError(f"{owner!r} already holds storages; release it first")
             try:
                 return self._adopt_locked(owner, manifest, template, tuple(storage_of), triples, new_segs)
+            except BaseException:
+                for seg in new_segs:   # nothing was registered (see _adopt_locked): drop our mappings
+                    seg.unmap()
+                raise
             finally:
                 self.changes += 1
                 self._unmap_all()
