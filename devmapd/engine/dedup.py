@@ -155,7 +155,10 @@ class _Mapped:
     def close(self) -> None:
         self._anchor = None
         if self.mm is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                pass   # a view still exists (an exception's traceback holds one): unmapped with it
             self.mm = None
 
 
