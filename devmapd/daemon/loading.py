@@ -84,6 +84,12 @@ class LoadQueue:
         """Pressure moves asked for and not yet landed: name -> target ("" = wherever there is room)."""
         return {name: target for name, (target, _why) in self._forced.items()}
 
+    def preview(self, rec: ModelRecord) -> planner.Placement | None:
+        """Where a load of ``rec`` would put it now (pure: nothing moves); None before its first inspection."""
+        if rec.inspection is None:
+            return None
+        return self._place(rec, rec.inspection)
+
     def queued(self) -> list[str]:
         return sorted(self._queued)
 

@@ -19,6 +19,7 @@ import torch
 from devmapd import planner
 from devmapd.config import Config, DevicesConfig, PlacementConfig, PressureConfig
 from devmapd.daemon import names
+from devmapd.daemon.actions import Actions
 from devmapd.daemon.inventory import Inventory
 from devmapd.daemon.loading import LoadQueue
 from devmapd.daemon.pressurectl import PressureController
@@ -170,6 +171,56 @@ async def test_a_failed_gpu_upload_leaves_the_model_on_the_cpu_not_failed(tmp_pa
         assert list(rec.placement) == ["cpu"]
         assert "upload to cuda:0 failed" in rec.reason and "CUDA is not available" in rec.reason
         assert rec.serving.gpu_segments == {}
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        if rec.serving is not None:
+            rec.serving.close()
+        inventory.close()
+
+
+# ---------------------------------------------------------------------------------- actions
+async def test_actions_say_what_happened_and_a_pin_where_the_model_sits_does_not_reload_it(tmp_path: Path) -> None:
+    from devmapd.wire.protocol import ApiError
+
+    models, sim = tmp_path / "models", tmp_path / "gpus.json"
+    models.mkdir()
+    torch.save({"w": torch.ones(8)}, models / "m.pt")
+    # One simulated GPU too small for the model once its reserve is kept: a pin there must wait.
+    harness.write_simulate(sim, [harness.sim_gpu(0, 1)])
+    source = names.scan(models)["m"]
+    registry = Registry()
+    cfg = Config(model_dir=str(models), state_dir=str(tmp_path / "state"),
+                 devices=DevicesConfig(simulate=str(sim), reserve_mib=1))
+    inventory = Inventory(registry, lambda: cfg)
+    await inventory.open()
+    queue = LoadQueue(registry, inventory, lambda: cfg, models)
+    actions = Actions(registry, queue, inventory, lambda: cfg)
+    rec = registry.add(ModelRecord(name="m", path=str(source.path), source=source, fingerprint=names.fingerprint(source)))
+    worker = asyncio.create_task(queue.worker())
+    try:
+        await asyncio.wait_for(queue.load_now(rec, "m: fetched"), 60)
+        assert rec.state == "ready" and list(rec.placement) == ["cpu"]
+        attempts = rec.attempt
+
+        same = await actions.action("pin", {"name": "m", "device": "cpu"}, None)
+        assert same["outcome"] == "unchanged" and "nothing was reloaded" in same["message"]
+        assert rec.pin == "cpu" and not queue.busy("m") and rec.attempt == attempts
+
+        waits = await actions.action("pin", {"name": "m", "device": "cuda:0"}, None)
+        assert waits["outcome"] == "pending" and "cannot be honoured now" in waits["message"]
+        assert "once cuda:0 has room" in waits["message"] and not queue.busy("m") and rec.attempt == attempts
+        assert rec.reason.startswith("pinned to cuda:0") and "until cuda:0 has room" in rec.reason
+
+        with pytest.raises(ApiError) as refused:
+            await actions.action("remap", {"name": "m", "device": "cuda:7"}, None)
+        assert refused.value.code == "bad_request" and "cuda:7" in str(refused.value)
+
+        assert (await actions.action("unpin", {"name": "m"}, None))["outcome"] == "applied"
+        assert (await actions.action("unpin", {"name": "m"}, None))["outcome"] == "unchanged"
+        assert (await actions.action("evict", {"name": "m"}, None))["outcome"] == "applied"
+        assert rec.state == "evicted" and rec.serving is None
+        assert (await actions.action("evict", {"name": "m"}, None))["outcome"] == "unchanged"
     finally:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
