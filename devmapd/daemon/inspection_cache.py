@@ -55,10 +55,11 @@ def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def current_listing(path: str) -> Listing | None:
-    """The identities of a model's files now, from ``stat`` only; None if it cannot be read."""
+def current_listing(path: str, real: str | None = None) -> Listing | None:
+    """The identities of a model's files now, from ``stat`` only; None if it cannot be read.
+    ``real`` is ``os.path.realpath(path)`` when the caller has it already."""
     try:
-        real = os.path.realpath(path)
+        real = real or os.path.realpath(path)
         st = os.stat(real)
         if stat.S_ISREG(st.st_mode):
             return [[os.path.basename(path), *_identity(st)]]
@@ -134,8 +135,8 @@ class InspectionCache:
                 self.enabled = False
             return self.enabled
 
-    def _entry(self, path: str, options: ReadOptions) -> Path:
-        real = os.path.realpath(path)
+    def _entry(self, path: str, options: ReadOptions, real: str | None = None) -> Path:
+        real = real or os.path.realpath(path)
         key = options_key(options)
         h = hashlib.sha256(json.dumps([real, list(key[0]), list(key[1]), *key[2:], list(self._scope())]
                                       ).encode("utf-8", "surrogateescape"))
@@ -197,18 +198,19 @@ class InspectionCache:
         """The stored parse of the model at ``path`` if every file is unchanged, else None."""
         if not self._usable():
             return None
-        entry = self._entry(path, options)
+        real = os.path.realpath(path)
+        entry = self._entry(path, options, real)
         doc = self._read_record(entry)
         if doc is None:
             self._count("misses")
             return None
-        if doc.get("model") != os.path.realpath(path):
+        if doc.get("model") != real:
             self._reject(entry, "it is for another model")
             return None
         if doc.get("scope") != list(self._scope()):
             self._count("stale")
             return None
-        listing = current_listing(path)
+        listing = current_listing(path, real)
         if listing is None or doc.get("listing") != listing:
             self._count("stale")
             return None

@@ -72,12 +72,6 @@ def _list(v: Any, what: str, n: int | None = None) -> list[Any]:
     return v
 
 
-def _bool(v: Any, what: str) -> bool:
-    if type(v) is not bool:
-        raise CodecError(f"{what} is not true/false")
-    return v
-
-
 def decode(d: Any, *, path: str) -> Learned:
     """Check and rebuild a stored record for the model at ``path``. Raises CodecError."""
     if type(d) is not dict:
@@ -107,45 +101,53 @@ def decode(d: Any, *, path: str) -> Learned:
         r = _list(row, "fingerprint entry", 4)
         fingerprint.append((_str(r[0], "fingerprint name"), _int(r[1], "fingerprint size"),
                             _int(r[2], "fingerprint mtime", lo=-(1 << 63)), _int(r[3], "fingerprint inode")))
+    # The per-storage and per-tensor checks are inline (no call, no message built unless one
+    # fails): a restart decodes one record per model, and this loop is most of it.
     storages = []
     dtypes: dict[str, torch.dtype] = {}
-    for i, row in enumerate(_list(d.get("storages"), "storages")):
-        r = _list(row, f"storages[{i}]", 7)
-        fi = _int(r[0], f"storages[{i}] file", hi=len(files) - 1)
-        off = _int(r[1], f"storages[{i}] offset")
-        nbytes = _int(r[2], f"storages[{i}] size")
+    nfiles = len(files)
+    for i, r in enumerate(_list(d.get("storages"), "storages")):
+        if type(r) is not list or len(r) != 7:
+            raise CodecError(f"storages[{i}] is not a list of 7 items")
+        fi, off, nbytes, dtn, loc, first_path, first_key = r
+        if not (type(fi) is int and 0 <= fi < nfiles and type(off) is int and off >= 0
+                and type(nbytes) is int and nbytes >= 0 and type(dtn) is str and type(loc) is str
+                and type(first_path) is str and type(first_key) is str):
+            raise CodecError(f"storages[{i}] has a field of the wrong type or out of range")
         if off + nbytes > files[fi].size:
             raise CodecError(f"storages[{i}] reaches past the end of its file")
-        dtn = _str(r[3], f"storages[{i}] dtype")
-        try:
-            dt = dtypes.get(dtn)
-            if dt is None:
+        dt = dtypes.get(dtn)
+        if dt is None:
+            try:
                 dt = dtypes[dtn] = arena.dtype_from_name(dtn)
-        except arena.ArenaError:
-            raise CodecError(f"storages[{i}] has an unknown dtype {dtn!r:.40}") from None
+            except arena.ArenaError:
+                raise CodecError(f"storages[{i}] has an unknown dtype {dtn!r:.40}") from None
         if nbytes % dt.itemsize:
             raise CodecError(f"storages[{i}] is not a whole number of {dtn} elements")
-        storages.append(StorageSpec(fi, off, nbytes, dtn, _str(r[4], "location"), _str(r[5], "first path"),
-                                    _str(r[6], "first key")))
+        storages.append(StorageSpec(fi, off, nbytes, dtn, loc, first_path, first_key))
     tensors = []
     used = [False] * len(storages)
-    for i, row in enumerate(_list(d.get("tensors"), "tensors")):
-        r = _list(row, f"tensors[{i}]", 6)
-        si = _int(r[0], f"tensors[{i}] storage", hi=len(storages) - 1)
-        soff = _int(r[1], f"tensors[{i}] storage offset")
-        shape = tuple(_int(x, f"tensors[{i}] shape") for x in _list(r[2], f"tensors[{i}] shape"))
-        stride = tuple(_int(x, f"tensors[{i}] stride") for x in _list(r[3], f"tensors[{i}] stride"))
-        if len(shape) != len(stride) or len(shape) > _MAX_DIMS:
-            raise CodecError(f"tensors[{i}] has {len(shape)} sizes but {len(stride)} strides")
+    nstorages = len(storages)
+    for i, r in enumerate(_list(d.get("tensors"), "tensors")):
+        if type(r) is not list or len(r) != 6:
+            raise CodecError(f"tensors[{i}] is not a list of 6 items")
+        si, soff, shape, stride, requires_grad, parameter = r
+        if not (type(si) is int and 0 <= si < nstorages and type(soff) is int and soff >= 0
+                and type(shape) is list and type(stride) is list and len(shape) == len(stride) <= _MAX_DIMS
+                and all(type(x) is int and x >= 0 for x in shape) and all(type(x) is int and x >= 0 for x in stride)
+                and type(requires_grad) is bool and type(parameter) is bool):
+            raise CodecError(f"tensors[{i}] has a field of the wrong type or out of range")
         numel = 1
         for n in shape:
             numel *= n
+        spec = storages[si]
         if numel:
-            last = soff + sum((n - 1) * s for n, s in zip(shape, stride))
-            if (last + 1) * dtypes[storages[si].dtype].itemsize > storages[si].nbytes:
+            last = soff
+            for n, st in zip(shape, stride):
+                last += (n - 1) * st
+            if (last + 1) * dtypes[spec.dtype].itemsize > spec.nbytes:
                 raise CodecError(f"tensors[{i}] reaches past the end of its storage")
-        tensors.append(TensorSpec(si, soff, shape, stride, _bool(r[4], "requires_grad"),
-                                  _bool(r[5], "parameter")))
+        tensors.append(TensorSpec(si, soff, tuple(shape), tuple(stride), requires_grad, parameter))
         used[si] = True
     if not all(used):
         raise CodecError("a storage no tensor uses")
