@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from devmapd.config import Config, Rule
@@ -50,25 +51,30 @@ class Devices(Protocol):
 class Actions:
     """DaemonAPI.action and the persisted operator state (see the module docstring)."""
 
-    def __init__(self, registry: Registry, loads: LoadControl, devices: Devices, config: Callable[[], Config]) -> None:
+    def __init__(self, registry: Registry, loads: LoadControl, devices: Devices, config: Callable[[], Config], *,
+                 state_dir: Path | None = None) -> None:
         self._registry = registry
         self._loads = loads
         self._devices = devices
         self._config = config  # a getter: the config changes on SIGHUP
+        self._state_dir = state_dir  # resolved once at start (devmapd.daemon.statedir); None: the config's
         self._state = statefile.OperatorState()
 
     # ------------------------------------------------------------------ operator state
     def load_state(self) -> None:
         """Read the pins and remaps of the previous run (a corrupt file is reported and ignored)."""
-        self._state = statefile.load(self._config().state_dir)
+        self._state = statefile.load(self._dir())
 
     def apply_to(self, rec: ModelRecord, rule: Rule | None) -> None:
         """Give a model just found its persisted pin/remap (a persisted pin wins over the rule's)."""
         rec.pin = self._state.pins.get(rec.name) or (rule.pin if rule and rule.pin else None)
         rec.target = self._state.targets.get(rec.name)
 
+    def _dir(self) -> Path:
+        return self._state_dir if self._state_dir is not None else Path(self._config().state_dir)
+
     async def _save_state(self) -> None:
-        state_dir = self._config().state_dir
+        state_dir = self._dir()
         try:  # fsync: off the event loop
             await asyncio.to_thread(statefile.save, state_dir, self._state)
         except OSError as exc:

@@ -41,7 +41,7 @@ from typing import Any
 from devmapd._version import __version__
 from devmapd.config import Config, ConfigError
 from devmapd.config import load as load_config
-from devmapd.daemon import handoff, names
+from devmapd.daemon import handoff, names, statedir
 from devmapd.daemon.actions import Actions
 from devmapd.daemon.fdbudget import FdBudget, raise_soft_limit
 from devmapd.daemon.inventory import Inventory
@@ -90,11 +90,16 @@ class Daemon:
         self.inventory = Inventory(self.registry, config)
         self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
                                metrics=self.metrics, fds=self.fds)
-        self.actions = Actions(self.registry, self.loads, self.inventory, config)
+        # Where pins and remaps live: the config's state_dir, systemd's StateDirectory, else one
+        # directory per model directory (resolved once: a reload does not move the state).
+        self.state_dir = statedir.resolve(cfg.state_dir, self.model_dir)
+        self.actions = Actions(self.registry, self.loads, self.inventory, config, state_dir=self.state_dir.path)
         self.pressure = PressureController(self.registry, self.inventory, self.loads, config,
                                            on_demote=self.metrics.count_demotion)
         self.view = StatusView(self.registry, self.inventory, config, self.model_dir, watcher=lambda: self.watcher,
-                               extra=lambda: {"fds": self.fds.status()})
+                               extra=lambda: {"fds": self.fds.status(), "state_dir": {
+                                   "path": str(self.state_dir.path), "source": self.state_dir.source,
+                                   "why": self.state_dir.describe()}})
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
