@@ -45,6 +45,9 @@ __all__ = ["FileId", "StorageSpec", "TensorSpec", "Learned", "learn", "read_lear
 # below it the extra fds (and, for a real GPU, extra uploads) cost more than the parallel fill
 # wins, and the thousands of small models of a lab directory keep one segment each.
 SPLIT_MIN_BYTES = 64 << 20
+# A model smaller than this reads in milliseconds: its progress is reported once, at the end
+# (each report becomes a status event; 1,000 small models x 8 storages was 8,000 events).
+PROGRESS_MIN_BYTES = 16 << 20
 _CAST_CHUNK = 32 << 20
 _DEFAULT_OPTIONS = ReadOptions()
 
@@ -398,6 +401,11 @@ def _fill(learned: Learned, opened: list[OpenedFile], slots: list[_Slot], builde
     per_segment: dict[int, list[_Slot]] = {}
     for p in slots:
         per_segment.setdefault(p.segment, []).append(p)
+
+    if progress is not None and total < PROGRESS_MIN_BYTES:
+        _fill(learned, opened, slots, builders, threads, None)
+        progress(total, total)
+        return
 
     def fill(seg: int) -> None:
         b = builders[seg]
