@@ -67,6 +67,12 @@ def zip64_record_size(data: bytes) -> bytes:
     return bytes(b)
 
 
+def comment_past_directory(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[_central(data, ".data/serialization_id") + 33] ^= 0x01   # comment length 0 -> 256
+    return bytes(b)
+
+
 def member_outside_folder(data: bytes) -> bytes:
     b = bytearray(data)
     at = _central(data, "version") + 46
@@ -111,7 +117,7 @@ def damaged_local_header(name: str) -> Callable[[bytes], bytes]:
 
 
 CASES = [prepended, byte_deleted_before_directory, multi_disk, zip64_disk, zip64_record_size,
-         member_outside_folder, masked_flag,
+         comment_past_directory, member_outside_folder, masked_flag,
          no_version_record, record("version", b"99\n"), record("version", b"x"),
          record(".storage_alignment", b"4P"),
          record(".data/serialization_id", b"\xb4" * 40), record("byteorder", b"lottle"), damaged_local_header(".data/serialization_id"),

@@ -25,15 +25,15 @@ _ZIP64_LOCATOR = struct.Struct("<4sIQI")          # 20 bytes, signature PK\x06\x
 _ZIP64_END = struct.Struct("<4sQHHIIQQQQ")        # 56 bytes, signature PK\x06\x06
 
 
-def _check_end_record(f: OpenedFile) -> None:
+def _check_end_record(f: OpenedFile) -> tuple[int, int] | None:
     """What zipfile overlooks and torch's reader (miniz) refuses: a multi-disk end record, entry
     counts that disagree, a comment length that does not reach the end of the file."""
     tail_len = min(f.size, _END_RECORD.size + 0xFFFF)
     tail = f.pread(tail_len, f.size - tail_len)
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or at + _END_RECORD.size > len(tail):
-        return   # no end record at all: zipfile says so in its own words
-    _sig, disk, cd_disk, here, total, _size, _offset, comment = _END_RECORD.unpack_from(tail, at)
+        return None   # no end record at all: zipfile says so in its own words
+    _sig, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END_RECORD.unpack_from(tail, at)
     if at + _END_RECORD.size + comment != len(tail):
         raise diagnose.corrupt(f.path, "the zip end record does not match the end of the file")
     loc = at - _ZIP64_LOCATOR.size
@@ -44,17 +44,18 @@ def _check_end_record(f: OpenedFile) -> None:
         rel = z64_at - (f.size - len(tail))
         if disks not in (0, 1) or not 0 <= rel <= loc - _ZIP64_END.size:
             raise diagnose.corrupt(f.path, "the zip64 end locator is damaged")
-        sig, rec_size, _v1, _v2, disk, cd_disk, here, total, _size, _offset = _ZIP64_END.unpack_from(tail, rel)
+        sig, rec_size, _v1, _v2, disk, cd_disk, here, total, cd_size, cd_offset = _ZIP64_END.unpack_from(tail, rel)
         # rec_size counts the record after its first 12 bytes; torch's reader refuses a short one
         if sig != b"PK\x06\x06" or rec_size < _ZIP64_END.size - 12:
             raise diagnose.corrupt(f.path, "the zip64 end record is damaged")
     if (disk, cd_disk) not in ((0, 0), (1, 1)) or here != total:
         raise diagnose.corrupt(f.path, "the zip end record describes a multi-disk archive")
+    return int(cd_offset), int(cd_size)
 
 
 def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: bool) -> Parsed:
     path = f.path
-    _check_end_record(f)
+    directory = _check_end_record(f)
     reader = f.reader()
     try:
         zf = zipfile.ZipFile(reader)
@@ -66,6 +67,10 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     except _ZIP_ERRORS as e:
         raise diagnose.corrupt(path, f"bad zip archive: {type(e).__name__}: {e}") from None
     infos = zf.infolist()
+    # zipfile lets the last directory entry's name, extra field or comment run past the directory
+    # (into the end records); torch's reader refuses that, and it means the entry is damaged.
+    if directory is not None:
+        _check_directory(f, *directory)
     # torch.save's first member starts at byte 0. zipfile silently shifts every offset when the
     # directory is not where the end record says (bytes added or removed before it, or prepended
     # data); torch.load refuses such a file, and so do we rather than guess where members are.
@@ -146,6 +151,22 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
 # that do not decode, features it lacks): every one of them is a damaged file, never our bug.
 _ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError,
                zipfile.LargeZipFile)
+
+
+def _check_directory(f: OpenedFile, offset: int, size: int) -> None:
+    """Walk the raw directory entries: together they must fill the directory exactly (zipfile
+    quietly cuts a name, extra field or comment short; torch's reader refuses the file)."""
+    if offset + size > f.size:   # checked before reading: the sizes come from the file
+        raise diagnose.corrupt(f.path, "the zip directory extends past the end of the file")
+    raw = f.pread(size, offset)
+    pos = 0
+    while pos < len(raw):
+        if raw[pos:pos + 4] != b"PK\x01\x02" or pos + 46 > len(raw):
+            break
+        n, x, c = struct.unpack_from("<HHH", raw, pos + 28)
+        pos += 46 + n + x + c
+    if len(raw) != size or pos != size:
+        raise diagnose.corrupt(f.path, "the zip directory entries do not fill the directory exactly")
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
