@@ -379,3 +379,23 @@ def test_adopts_and_releases_from_several_threads_keep_the_books(tmp_path: Path)
         assert store.usage()["cpu"].unique == sum(len(b) for b in distinct)
     finally:
         store.close()
+
+
+def test_every_format_of_one_model_shares_one_copy(tmp_path: Path, store: StorageStore) -> None:
+    """DataParallel, torch.compile, sharded safetensors and .bin directories of one model (the
+    samples the engine is tested on) share every storage; so do the legacy and zip formats."""
+    from devmapd import samples
+
+    untied = [samples.dataparallel(tmp_path), samples.compiled(tmp_path), samples.hf_safetensors(tmp_path),
+              samples.hf_bin(tmp_path)]
+    first = adopt(store, "dataparallel", untied[0])
+    for p in untied[1:]:
+        h = adopt(store, p.name, p)
+        assert store.owner_usage(p.name).own == 0, p.name
+        got, want = fetch(h), fetch(first)
+        assert_same(dict(sorted(got.items())), dict(sorted(want.items())), p.name)   # shards: own key order
+    tied = [samples.plain(tmp_path), samples.legacy(tmp_path)]
+    adopt(store, "plain", tied[0])
+    h = adopt(store, "legacy", tied[1])
+    assert store.owner_usage("legacy").own == 0
+    assert_same(fetch(h), load(tied[1]))
