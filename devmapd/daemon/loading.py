@@ -72,6 +72,7 @@ class LoadQueue:
         self._on_demand: set[str] = set()  # loads a fetch is waiting for: they go past the host cap
         self._loading: set[str] = set()  # being read right now (one load per model at a time)
         self._rerun: set[str] = set()  # asked for again while loading: load once more afterwards
+        self._short_of_fds: list[str] = []  # refused for want of fds, oldest first: retried as fds free up
         self._generation = itertools.count(1)
         self.gpu_released = False  # a GPU copy was dropped: the poll loop collects CUDA IPC blocks
 
@@ -204,6 +205,8 @@ class LoadQueue:
         if refused is not None:
             # Near the fd limit: the models already serving keep the fds they need.
             self._fail(rec, refused)
+            if name not in self._short_of_fds:
+                self._short_of_fds.append(name)
             return
         insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir))
         if not self._still_wanted(rec, attempt):
@@ -300,7 +303,9 @@ class LoadQueue:
     def drop_version(self, rec: ModelRecord) -> None:
         """Forget ``rec``'s memory (evict, delete): cancel its load, close its version, unpark it."""
         rec.attempt += 1  # an in-flight load of it now drops what it reads
+        freed = 0
         if rec.serving is not None:
+            freed = sum(1 for fd in rec.serving.fds if fd is not None)
             self.retire(rec.serving)
             rec.serving = None
         handoff.unpark(self._notifier, rec.stored)
@@ -308,6 +313,16 @@ class LoadQueue:
         rec.placement = {}
         self._forced.pop(rec.name, None)
         self._capacity.holdings_changed()
+        if freed:
+            self._retry_short_of_fds(freed)
+
+    def _retry_short_of_fds(self, freed: int) -> None:
+        """Fds came back: queue again (oldest first) as many models refused for want of them."""
+        while freed > 0 and self._short_of_fds:
+            rec = self._registry.get(self._short_of_fds.pop(0))
+            if rec is not None and rec.state == "failed" and rec.serving is None:
+                self.enqueue(rec, f"{rec.name}: file descriptors were freed; loading it again")
+                freed -= 1
 
     def _progress(self, rec: ModelRecord, attempt: int, frac: float) -> None:
         if self._still_wanted(rec, attempt):

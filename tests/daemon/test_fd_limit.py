@@ -82,5 +82,13 @@ def test_low_fd_limit_refuses_new_loads_and_keeps_ready_models_serving(limited: 
         with pytest.raises(ModelUnavailable, match="LimitNOFILE="):
             client.fetch(failed[0]["name"])
         after = client.status()
+        assert after["daemon"]["fds"]["open"] < HARD - 32
+
+        # Evicting ready models gives their fds back: models refused for want of them load after all.
+        for name in ready[:8]:
+            assert client.evict(name)["outcome"] == "applied"
+    refused = {m["name"] for m in failed}
+    retried = limited.wait_for(lambda st: [m for m in st["models"] if m["name"] in refused and m["state"] == "ready"],
+                               timeout=30, what="a refused model to load once fds were freed")
+    assert all(m["diagnosis"] is None and list(m["placement"]) == ["cpu"] for m in retried)
     assert limited.proc.poll() is None
-    assert after["daemon"]["fds"]["open"] < HARD - 32
