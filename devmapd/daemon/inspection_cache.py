@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import stat
 import tempfile
 import threading
@@ -98,6 +99,12 @@ class InspectionCache:
         self._scope = scope or (lambda: ())
         self._lock = threading.Lock()
         self._checked = False
+        # Records are written by one writer thread, off the load path (creating a file costs
+        # ~0.5 ms, 1,000 of them are half a second of a first start); close() drains it.
+        self._queue: queue.SimpleQueue[tuple[str, Learned, ReadOptions] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
         self.counts = {"hits": 0, "misses": 0, "stale": 0, "rejected": 0, "stored": 0, "racy": 0}
 
     # ------------------------------------------------------------------ helpers
@@ -287,5 +294,48 @@ class InspectionCache:
             return hit
         learned = learn(source, options)
         if learned.ok:
-            self.store(path, learned, options)
+            self.store_later(path, learned, options)
         return learned
+
+    def store_later(self, path: str, learned: Learned, options: ReadOptions) -> None:
+        """``store`` in the writer thread (the identities were taken when the file was opened, and
+        ``store`` checks them again, so a late write never keeps a parse of a file changed since)."""
+        if not learned.ok or not self._usable():
+            return
+        with self._lock:
+            self._pending += 1
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="devmapd-cache-writer", daemon=True)
+                self._writer.start()
+        self._queue.put((path, learned, options))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.store(*item)
+            except Exception:   # a bug here must not lose the writer: the next start just parses again
+                log.exception("storing the inspection of %s failed", safe(item[0]))
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued record is written; False if ``timeout`` passed first."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds) and stop the writer."""
+        if not self.flush(timeout):
+            log.warning("inspection cache: %d records not written at shutdown; those models are parsed "
+                        "again at the next start", self._pending)
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(timeout)

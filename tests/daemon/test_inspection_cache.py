@@ -243,3 +243,13 @@ def test_a_record_made_under_other_allowed_globals_is_not_used(tmp_path, monkeyp
     assert cache.lookup(str(path), OPTS) is not None
     scope.clear()   # the operator narrowed checkpoint.allowed_globals
     assert cache.lookup(str(path), OPTS) is None
+
+
+def test_records_queued_for_the_writer_thread_are_written_by_close(tmp_path, cache):
+    paths = [tmp_path / f"m{i}.pt" for i in range(5)]
+    for i, p in enumerate(paths):
+        _save(p, i)
+        cache.store_later(str(p), learn(p, OPTS), OPTS)
+    cache.close()
+    assert cache.counts["stored"] == 5
+    assert all(cache.lookup(str(p), OPTS) is not None for p in paths)
