@@ -149,8 +149,8 @@ def write_markdown(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
 
 Latest `python -m benchmarks{' --quick' if meta['profile'] == 'quick' else ''}` run, {meta['date']}
 ({meta['wall_s']:.0f} s; profile `{meta['profile']}`). Every devmapd figure is measured against its
-peer in the same run; "ratio means" says which way the ratio reads. Targets come from issues 3 and
-6. {passed} targets met, {missed} missed. Raw numbers: `benchmarks/results/latest.json`
+peer in the same run; "ratio means" says which way the ratio reads. Targets come from issues 3, 6
+and 13. {passed} targets met, {missed} missed. Raw numbers: `benchmarks/results/latest.json`
 (re-run with `make bench`, or `make bench-quick` for the under-two-minute version).
 
 **Machine:** {m['cpu'] or 'unknown CPU'}, {m['cores']} cores, {m['memory'] / (1 << 30):.1f} GiB RAM,
@@ -166,11 +166,25 @@ warm for every peer. Load average at start {meta['loadavg_start'][0]:.1f}, at en
 
 ## How each figure is taken
 
-- **fetch**: each repeat is a fresh process (forked from a server that imported torch, numpy,
-  safetensors and `devmapd`, as a user's script has) that calls the loader once; "tensors" stops
-  the clock when the call returns, "+ read every byte" after a sum over each tensor. Median of
+- **fetch**: each repeat is a fresh process (forked from a server that imported torch, numpy
+  and safetensors, as a user's script has; not devmapd) that calls the loader once. devmapd's
+  clock starts BEFORE `import devmapd` (compiled bytecode), so its figure includes importing
+  the client; the peers' libraries are already imported. "tensors" stops the clock when the
+  call returns, "+ read every byte" after a sum over each tensor; "repeat fetch" is a second
+  `devmapd.load` of the unchanged model in the same process. Median of
   {meta['profile_detail']['fetch_repeats']} repeats, methods interleaved. devmapd is a real
   `devmapd serve` process on a Unix socket.
+- **ready**: time until a module is built, filled and in eval mode, in fresh processes that
+  imported torch (and transformers with the model's code: off the clock for both methods).
+  The fp16 module: `devmapd.load_into` into a module built with `devmapd.meta_init()` vs the
+  copy path `model.load_state_dict(devmapd.load(...))` into a normally built (initialised)
+  module, vs the same with `safetensors.torch.load_file`, vs
+  `load_state_dict(torch.load(mmap=True), assign=True)` into a `torch.device("meta")` module.
+  The Hugging Face case: `devmapd.hf.from_pretrained` vs `transformers.AutoModel.from_pretrained`
+  of the same directory (written by transformers); outputs on a fixed input are compared byte
+  for byte (sha256) and must be identical. PSS: 4 processes hold the ready model after a
+  forward pass; the growth of their summed PSS over a baseline taken after their imports and
+  a tiny warm-up forward pass.
 - **memory**: N processes hold the model at once, each having read every byte; the figure is the
   growth of their summed PSS (`/proc/<pid>/smaps_rollup`) from before the load to after it.
 - **cold load**: `devmapd.engine.checkpoint.read` (what the daemon runs per model) vs one `memcpy` from a
@@ -188,3 +202,22 @@ warm for every peer. Load average at start {meta['loadavg_start'][0]:.1f}, at en
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def rows_from_json(doc: dict[str, Any]) -> list[Row]:
+    """The rows of a JSON file written by ``write_json`` (to re-render the markdown)."""
+    rows = []
+    for r in doc["rows"]:
+        t = r.get("target")
+        rows.append(Row(section=r["section"], metric=r["metric"], devmapd=r["devmapd"], peer=r["peer"],
+                        ratio=r["ratio"], ratio_means=r["ratio_means"],
+                        target=None if t is None else (t["op"], t["value"]), note=r.get("note", ""),
+                        data=r.get("data", {}), ratio_text=r.get("ratio_text"),
+                        target_label=r.get("target_label")))
+    return rows
+
+
+if __name__ == "__main__":   # python -m benchmarks.report RESULTS.json MARKDOWN.md: re-render only
+    import sys
+    doc = json.loads(Path(sys.argv[1]).read_text())
+    write_markdown(Path(sys.argv[2]), rows_from_json(doc), doc)

@@ -63,7 +63,7 @@ class SegmentImportError(ArenaError):
 # registers "cuda-ipc" when it is imported (the client imports it only for a manifest that
 # holds such a segment), so this module never imports the GPU code: the arena stays the
 # bottom layer that both the daemon and the client build on.
-SegmentImporter = Callable[["Manifest", int, list], None]
+SegmentImporter = Callable[["Manifest", int, list[Any]], None]
 _IMPORTERS: dict[str, SegmentImporter] = {}
 
 
@@ -136,13 +136,13 @@ class _Record:
             else:
                 raise TypeError(f"{type(self).__name__} is missing the field {n!r}")
 
-    def _astuple(self) -> tuple:
+    def _astuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, n) for n in self._fields)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._astuple() == other._astuple()   # type: ignore[attr-defined]
+        return bool(self._astuple() == other._astuple())
 
     def __hash__(self) -> int:
         return hash(self._astuple())
@@ -157,7 +157,7 @@ class _Record:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), self._astuple())
 
     def replace(self, **changes: Any) -> Any:
@@ -194,7 +194,7 @@ class SegmentInfo(_Record):
     device: str
     nbytes: int
     device_uuid: str | None
-    ipc: dict | None
+    ipc: dict[str, Any] | None
 
 
 class TensorEntry(_Record):
@@ -274,15 +274,16 @@ class Manifest(_Record):
     def _row_list(self) -> Sequence[Sequence[Any]]:
         """The tensor rows (as on the wire), without making TensorEntry objects."""
         if self._rows is not None:
-            return self._rows
+            rows: Sequence[Sequence[Any]] = self._rows
+            return rows
         return [(e.segment, e.offset, e.storage_nbytes, e.storage_offset, e.dtype, e.shape,
                  e.stride, e.saved_location, e.requires_grad, e.parameter) for e in self.tensors]
 
     def saved_locations(self) -> list[str]:
         return [str(r[7]) for r in self._row_list()]
 
-    def to_json(self) -> dict:
-        rows = self._rows
+    def to_json(self) -> dict[str, Any]:
+        rows: Any = self._rows
         if rows is None:
             rows = [[t.segment, t.offset, t.storage_nbytes, t.storage_offset, t.dtype,
                      list(t.shape), list(t.stride), t.saved_location, t.requires_grad,
@@ -302,7 +303,7 @@ class Manifest(_Record):
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Manifest:
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
         try:
             version = d.get("version")
             if version != 1:
@@ -556,14 +557,15 @@ def _map_segment(fd: int, nbytes: int) -> torch.UntypedStorage:
         raise ArenaError(f"memfd {fd} holds {size} bytes but the manifest expects {nbytes}; "
                          "the manifest does not belong to this arena")
     if nbytes == 0:
-        return torch.UntypedStorage(0)
+        return torch.UntypedStorage(0)   # type: ignore[no-untyped-call]
     # from_file(shared=False) maps MAP_PRIVATE: reads come from the memfd's pages (zero copy),
     # a write copies the touched page privately. The storage owns the mapping and unmaps it
     # when the last tensor viewing it dies, so nothing can close it under live tensors (a bare
     # mmap + torch.frombuffer could). torch's own shared-memory path cannot open a sealed memfd.
     # /proc/self/fd/N reopens the memfd itself, not a path anyone could swap.
     try:
-        return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=nbytes)
+        return torch.UntypedStorage.from_file(   # type: ignore[return-value]
+            f"/proc/self/fd/{fd}", shared=False, nbytes=nbytes)
     except RuntimeError as e:
         raise ArenaError(f"cannot map memfd {fd} ({e}); /proc must be mounted in this process "
                          "for devmapd to map its arenas") from None
@@ -599,7 +601,7 @@ def _bad_entry(i: int, row: Sequence[Any], seg_nbytes: int, itemsize: int) -> Ar
 
 # torch's Python UntypedStorage.__getitem__ only adds a meta-device guard around this C slice;
 # a mapped segment is never on the meta device, and skipping the wrapper saves ~1 us a tensor.
-_slice = torch._C.StorageBase.__getitem__
+_slice = torch._C.StorageBase.__getitem__   # type: ignore[misc]
 
 # A planned tensor that one torch.frombuffer call makes: (index, dtype, byte offset, numel,
 # shape to view it as, or None for 1-D).
@@ -632,9 +634,9 @@ def _plan(manifest: Manifest) -> list[_SegmentPlan]:
     storage nbytes, offset and strides). Anything else (tied weights, views, padding, empty
     storages) gets a storage of its own byte range and ``set_``, which torch.load also does.
     """
-    plan = manifest._plan
-    if plan is not None:
-        return plan
+    cached: list[_SegmentPlan] | None = manifest._plan
+    if cached is not None:
+        return cached
     segments = manifest.segments
     rows = manifest._row_list()
     nseg = len(segments)
@@ -740,11 +742,12 @@ def _make(sp: _SegmentPlan, buf: Any, storage_at: Callable[[int, int], torch.Unt
                              dt.itemsize) from None
     param = torch.nn.Parameter
     for i, par, rg in sp.flags:
-        t = out[i]
+        made = out[i]
+        assert made is not None
         if par:
-            out[i] = param(t, requires_grad=rg)
+            out[i] = param(made, requires_grad=rg)
         elif rg:
-            t.requires_grad_(True)   # type: ignore[union-attr]
+            made.requires_grad_(True)
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -777,8 +780,11 @@ def tensors_on_storage(base: torch.UntypedStorage, manifest: Manifest, segment_i
 
         def storage_at(off: int, nbytes: int) -> torch.UntypedStorage:
             if nbytes == 0:
-                return _slice(base, slice(off, off))
-            return fb(buf, dtype=torch.uint8, count=nbytes, offset=off).untyped_storage()
+                empty: torch.UntypedStorage = _slice(base, slice(off, off))
+                return empty
+            st: torch.UntypedStorage = fb(buf, dtype=torch.uint8, count=nbytes,
+                                          offset=off).untyped_storage()
+            return st
         _make(sp, buf, storage_at, seg_nbytes, out)
     else:
         _make(sp, None, lambda off, nbytes: _slice(base, slice(off, off + nbytes)), seg_nbytes, out)
@@ -815,11 +821,12 @@ def attach(manifest: Manifest, fds: Sequence[int | None]) -> list[torch.Tensor]:
                     importer(manifest, si, out)
                 except SegmentImportError as e:
                     # A GPU segment may come with its host copy's memfd: use it then.
-                    if fds[si] is None:
+                    host_fd = fds[si]
+                    if host_fd is None:
                         raise
                     warnings.warn(f"{e}; {seg.device} tensors are served from the CPU copy",
                                   RuntimeWarning, stacklevel=2)
-                    tensors_on_storage(_map_segment(fds[si], seg.nbytes), manifest, si, out)
+                    tensors_on_storage(_map_segment(host_fd, seg.nbytes), manifest, si, out)
     return out  # type: ignore[return-value]  # every slot is filled: each entry names a segment
 
 

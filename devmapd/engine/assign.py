@@ -108,11 +108,13 @@ def state_dict_of(obj: Any, what: str) -> Mapping[str, torch.Tensor]:
         return isinstance(x, Mapping) and bool(x) and all(
             type(k) is str and isinstance(v, torch.Tensor) for k, v in x.items())
     if is_sd(obj):
-        return obj
+        found: Mapping[str, torch.Tensor] = obj
+        return found
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
             if is_sd(obj.get(key)):
-                return obj[key]
+                found = obj[key]
+                return found
         keys = ", ".join(repr(k) for k in list(obj)[:8])
         raise AssignError(f"{what} is not a state dict (a mapping of names to tensors) and holds "
                           f"none under 'state_dict' or 'model'; its top-level keys are {keys}. "

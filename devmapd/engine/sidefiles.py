@@ -22,7 +22,7 @@ SIDE_FILES = ("config.json", "generation_config.json")
 MAX_SIDE_FILE_BYTES = 1 << 20
 
 
-def read_side_files(directory: str | os.PathLike, *, names: tuple[str, ...] = SIDE_FILES,
+def read_side_files(directory: str | os.PathLike[str], *, names: tuple[str, ...] = SIDE_FILES,
                     max_bytes: int = MAX_SIDE_FILE_BYTES, root: str | None = None) -> dict[str, Any]:
     """``{file name: parsed JSON object}`` for each of ``names`` present in ``directory``.
 

@@ -218,7 +218,8 @@ def flat_plan(node: Any, n: int) -> tuple[type, list[str], list[int]] | None:
     what ``decode`` returns, built in C: a caller keeps the plan to rebuild the same tree."""
     if type(node) is not dict:
         return None
-    cls = {"dict": dict, "odict": collections.OrderedDict}.get(node.get("@"))
+    tag = node.get("@")
+    cls: type | None = dict if tag == "dict" else collections.OrderedDict if tag == "odict" else None
     items = node.get("items")
     if cls is None or type(items) is not list:
         return None
