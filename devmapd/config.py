@@ -128,7 +128,7 @@ class Rule:
 @dataclass(frozen=True)
 class Config:
     model_dir: str = "/srv/models"
-    state_dir: str = "/var/lib/devmapd"
+    state_dir: str = ""   # empty: systemd's StateDirectory, else per model dir (daemon/statedir.py)
     log_level: str = "info"
     server: ServerConfig = field(default_factory=ServerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
