@@ -152,8 +152,6 @@ def test_real_actions_say_what_happened_and_refuse_a_device_the_machine_lacks(re
     assert reply["outcome"] in OUTCOMES and reply["message"], reply
 
 
-@pytest.mark.xfail(strict=True, reason="placement is the 64-byte-aligned arena size, bytes the data: "
-                   "the daemon's placement must count the served bytes (request to the engine/daemon owner)")
 def test_a_models_placement_adds_up_to_its_bytes(real) -> None:
     for name in ("tiny", "odd"):
         m = real.model(name)

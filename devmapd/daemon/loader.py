@@ -96,10 +96,20 @@ class ServedVersion:
 
 
 def placement_of(manifest: Manifest) -> dict[str, int]:
-    """Bytes per device id a manifest's segments occupy."""
+    """Bytes served per device id: each storage once, as served (after a dtype cast).
+
+    Not the segments' sizes: those pad every storage to the arena's alignment, so a 16 B model
+    would read as 64 B in status while ``bytes`` (from the file) says 16 B.
+    """
     out: dict[str, int] = {}
-    for seg in manifest.segments:
-        out[seg.device] = out.get(seg.device, 0) + seg.nbytes
+    seen: set[tuple[int, int]] = set()
+    for t in manifest.tensors:
+        key = (t.segment, t.offset)
+        if key in seen:
+            continue
+        seen.add(key)
+        dev = manifest.segments[t.segment].device
+        out[dev] = out.get(dev, 0) + t.storage_nbytes
     return out
 
 
