@@ -192,6 +192,17 @@ def check_view(path: str, rec: StorageRec, dtype: torch.dtype, offset: Any, size
 
 _aten = torch.ops.aten
 _STRIDED_VIEWS = (_aten.as_strided, _aten.as_strided_, _aten.as_strided_scatter)
+_PASS, _SET, _QUANTIZED_OP, _STRIDED = 0, 1, 2, 3
+_KINDS: dict[Any, int] = {}   # aten overload -> what the watch does with it, classified once
+
+
+def _kind(func: Any) -> int:
+    packet = func.overloadpacket
+    if packet is _aten.set_:
+        return _SET
+    if "quantized" in func.name():   # _empty_affine_quantized and friends (_rebuild_qtensor)
+        return _QUANTIZED_OP
+    return _STRIDED if packet in _STRIDED_VIEWS else _PASS
 
 
 class _TensorWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's untyped hook
@@ -209,13 +220,15 @@ class _TensorWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
         kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet is _aten.set_:
+        if kind == _SET:
             self.collector.check_set(func, args, kwargs)
-        elif "quantized" in func.name():   # _empty_affine_quantized and friends (_rebuild_qtensor)
+        elif kind == _QUANTIZED_OP:
             raise quantized(self.collector.path, kwargs.get("dtype"))
-        elif packet in _STRIDED_VIEWS:
+        elif kind == _STRIDED:
             stride = args[2] if len(args) > 2 else kwargs.get("stride", ())
             if any(type(s) is int and s < 0 for s in stride):
                 raise diagnose.corrupt(self.collector.path, "a tensor view with a negative stride")
