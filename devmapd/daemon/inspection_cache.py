@@ -144,9 +144,8 @@ class InspectionCache:
 
     def _entry(self, path: str, options: ReadOptions, real: str | None = None) -> Path:
         real = real or os.path.realpath(path)
-        key = options_key(options)
-        h = hashlib.sha256(json.dumps([real, list(key[0]), list(key[1]), *key[2:], list(self._scope())]
-                                      ).encode("utf-8", "surrogateescape"))
+        key = [[name, list(v) if isinstance(v, tuple) else v] for name, v in options_key(options)]
+        h = hashlib.sha256(json.dumps([real, key, list(self._scope())]).encode("utf-8", "surrogateescape"))
         return self.dir / f"{h.hexdigest()[:40]}.json"
 
     @staticmethod

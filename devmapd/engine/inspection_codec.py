@@ -38,7 +38,7 @@ def encode(learned: Learned) -> dict[str, Any]:
     return {
         "codec": VERSION,
         "torch": torch.__version__,
-        "key": [list(learned.key[0]), list(learned.key[1]), learned.key[2], learned.key[3]],
+        "key": [[name, list(v) if isinstance(v, tuple) else v] for name, v in learned.key],
         "path": learned.path,
         "format": insp.format,
         "prefixes": list(insp.prefixes),
@@ -85,10 +85,16 @@ def decode(d: Any, *, path: str) -> Learned:
     fmt = d.get("format")
     if fmt not in _FORMATS:
         raise CodecError(f"unknown format {fmt!r:.40}")
-    k = _list(d.get("key"), "key", 4)
-    key = (tuple(_str(x, "key prefix") for x in _list(k[0], "key prefixes")),
-           tuple(_str(x, "key global") for x in _list(k[1], "key globals")),
-           _int(k[2], "key max_header_bytes"), _int(k[3], "key max_tensors"))
+    key_items = []
+    for item in _list(d.get("key"), "key"):
+        pair = _list(item, "key item", 2)
+        name, v = _str(pair[0], "key name"), pair[1]
+        if type(v) is list:
+            v = tuple(_str(x, f"key {name}") for x in v)
+        elif v is not None and type(v) not in (str, int, float, bool):
+            raise CodecError(f"key {name} has a value of type {type(v).__name__}")
+        key_items.append((name, v))
+    key = tuple(key_items)
     files = []
     for i, row in enumerate(_list(d.get("files"), "files")):
         r = _list(row, f"files[{i}]", 7)

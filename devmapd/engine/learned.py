@@ -22,6 +22,7 @@ each tensor into its segment, so clients need nothing new.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -131,10 +132,20 @@ class Learned:
         return self.inspection.diagnosis is None
 
 
+# Options that only change the read (casts, memory, threads); every other option may change
+# what a parse learns or whether it succeeds (prefixes, caps, globals, root), so it is in the key.
+_READ_ONLY_OPTIONS = frozenset({"cpu_upcast_half", "gpu_dtype", "memory_limit", "threads"})
+
+
 def options_key(options: ReadOptions) -> tuple[Any, ...]:
-    """The options that change what a parse learns (the rest only change the read)."""
-    return (tuple(options.strip_prefixes), tuple(options.allowed_globals), int(options.max_header_bytes),
-            int(options.max_tensors))
+    """``((name, value), ...)`` of the options that change what a parse learns."""
+    out = []
+    for f in dataclasses.fields(options):
+        if f.name in _READ_ONLY_OPTIONS:
+            continue
+        v = getattr(options, f.name)
+        out.append((f.name, tuple(v) if isinstance(v, (list, tuple)) else v))
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -265,7 +276,8 @@ def _open_learned(learned: Learned, options: ReadOptions) -> list[OpenedFile] | 
     try:
         if learned.inspection.format == "hf-dir":
             real_dir = os.path.realpath(learned.path)
-            names = [os.path.realpath(n) for n in hfdir.weight_files(real_dir, options.max_header_bytes)]
+            names = [os.path.realpath(n) for n in hfdir.weight_files(
+                real_dir, root=options.root, max_index_bytes=options.max_side_file_bytes)]
             if names != [f.real for f in learned.files]:
                 return None   # the directory now names other weight files (an index changed)
         for fid in learned.files:

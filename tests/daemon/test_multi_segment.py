@@ -118,3 +118,23 @@ def test_the_thread_count_follows_the_cores():
 
     n = default_threads()
     assert 2 <= n <= 8 and (n == 2 or n <= len(os.sched_getaffinity(0)))
+
+
+def test_a_sharded_hugging_face_directory_reads_as_checkpoint_read_does(tmp_path):
+    from devmapd import samples
+
+    model = samples.hf_safetensors(tmp_path, shards=3)
+    one = read_learned(learn(model, OPTS), OPTS, threads=1)
+    ref = checkpoint.read(model, OPTS)
+    try:
+        assert one.manifest == ref.manifest and one.inspection == ref.inspection
+        assert one.fingerprint == ref.fingerprint
+    finally:
+        one.close()
+        ref.close()
+    split = read_learned(learn(model, OPTS), OPTS, split_min_bytes=1 << 10, threads=3)
+    try:
+        assert len(split.segments) > 1
+        _same(_build(split), _build(checkpoint.read(model, OPTS)))
+    finally:
+        split.close()
