@@ -155,16 +155,7 @@ def test_the_dtype_list_comes_from_torch_and_every_skip_has_a_reason():
             assert dt in QUANTIZED or "torch.save refuses" in str(_REASONS[dt]), dt
 
 
-# The engine's shared element_size (formats/common.py) asks torch._utils._element_size, which has
-# no size for the bits dtypes; until it uses dtype.itemsize these cannot be served. strict: the
-# day it is fixed, these cases pass and the marker must go.
-_BITS = {torch.bits1x8, torch.bits2x4, torch.bits4x2, torch.bits8, torch.bits16}
-_PENDING = pytest.mark.xfail(strict=True, raises=checkpoint.CheckpointError,
-                             reason="formats.common.element_size lacks the bits dtypes")
-
-
-@pytest.mark.parametrize("dt", [pytest.param(dt, marks=_PENDING) if dt in _BITS else dt
-                                for dt in ROUND_TRIP], ids=_name)
+@pytest.mark.parametrize("dt", ROUND_TRIP, ids=_name)
 @pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy"])
 def test_torch_save_round_trips_every_dtype_bit_for_bit(tmp_path, dt, fmt):
     obj = _objects(dt)

@@ -106,7 +106,11 @@ class _PreadRaw(io.RawIOBase):
 
     def seek(self, pos: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + pos)
+        if base + pos < 0:
+            # A parser that computes a negative offset is reading a damaged file: say so rather
+            # than quietly reading from the start.
+            raise OSError(22, f"seek to a negative position ({base + pos})")
+        self._pos = base + pos
         return self._pos
 
     def readinto(self, b) -> int:
@@ -278,4 +282,6 @@ def meta_storage(nbytes: int, dtype: torch.dtype) -> torch.storage.TypedStorage:
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch._utils._element_size(dtype)
+    """Bytes per element; ``dtype.itemsize`` knows every dtype (torch's private helper lacks the
+    bits dtypes)."""
+    return dtype.itemsize
