@@ -156,7 +156,7 @@ class ModelDirGuard:
             self.note(path)
         return path
 
-    def save(self, obj: Any, path: Path) -> Path:
+    def save(self, obj: Any, path: Path, **save_kwargs: Any) -> Path:
         """torch.save to a temp name outside the watched names, then rename into place."""
         import torch
 
@@ -164,7 +164,7 @@ class ModelDirGuard:
         with self._lock:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name("." + path.name + ".tmp")
-            torch.save(obj, tmp)
+            torch.save(obj, tmp, **save_kwargs)
             os.replace(tmp, path)
             self.note(path, tmp)
         return path

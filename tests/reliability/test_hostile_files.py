@@ -168,6 +168,28 @@ def test_billion_laughs_is_refused_early(d, guard: ModelDirGuard) -> None:
         serves(d, "after-laughs", 6)
 
 
+class _HugeBytearray:
+    """Pickles as bytearray(10**10): GLOBAL builtins.bytearray, an int, REDUCE (never run here)."""
+
+    def __reduce__(self):
+        return (bytearray, (10**10,))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "legacy"])
+def test_a_pickled_bytearray_call_asking_for_gigabytes_is_refused(d, guard: ModelDirGuard, zip_format) -> None:
+    """bytearray is on torch's weights-only allow-list; called with an int it allocates that many
+    bytes before any cap looks (a 400-byte file asking for 10 GB). torch.save never writes that
+    form, so it is refused as too_large and nothing is allocated."""
+    name = f"bytearray-{'zip' if zip_format else 'legacy'}"
+    with bounded_memory(d):
+        guard.save({"w": torch.ones(4), "x": _HugeBytearray()}, d.model_dir / f"{name}.pt",
+                   _use_new_zipfile_serialization=zip_format)
+        m = failed_with(d, name, {"too_large"})
+        assert "bytearray(10000000000)" in m["diagnosis"]["message"], m
+        guard.save(I.versioned(8), d.model_dir / f"after-{name}.pt")
+        serves(d, f"after-{name}", 8)
+
+
 def test_modest_sharing_still_loads(d, guard: ModelDirGuard) -> None:
     """Shared references within the cap are fine: a config dict referenced by 100 entries loads and
     round-trips (the cap is on expansion, not on sharing itself)."""

@@ -235,6 +235,29 @@ class _TensorWatch(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         return func(*args, **kwargs)
 
 
+# bytearray is on torch's weights-only allow-list (torch.save reduces one to bytearray(bytes)).
+# Called with an int it allocates that many zero bytes before any cap can look: an 85-byte
+# pickle asking for bytearray(10**12). torch.save never writes that form, so an int argument
+# past this bound is refused; a bytes argument is already bounded by the file.
+MAX_BYTEARRAY_FROM_INT = 1 << 20
+
+
+class _BoundedBytearrayError(ValueError):
+    pass
+
+
+def _bounded_bytearray(*args: Any) -> bytearray:
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool) and args[0] > MAX_BYTEARRAY_FROM_INT:
+        raise _BoundedBytearrayError(args[0])
+    return bytearray(*args)
+
+
+# The allow-list is torch's cached dict, looked up by name at every GLOBAL: replacing the entry
+# once makes every weights-only unpickle in this process (the daemon's) bounded. The client
+# never imports this module.
+_wo._get_allowed_globals()["builtins.bytearray"] = _bounded_bytearray
+
+
 def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
                 persistent_load: Callable[[Any], Any] | None = None) -> Any:
     """Run torch's weights-only unpickler on ``stream``; every failure becomes a CheckpointError."""
@@ -249,6 +272,11 @@ def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
             return unpickler.load()
     except diagnose.CheckpointError:
         raise
+    except _BoundedBytearrayError as e:
+        raise diagnose.error(
+            "too_large", f"{diagnose._name(path)} asks the unpickler for bytearray({e.args[0]}), that many "
+            f"bytes of zeros, over the limit of {MAX_BYTEARRAY_FROM_INT} bytes per call; torch.save never "
+            "writes this, so the file is damaged or crafted: save the checkpoint again.") from None
     except (EOFError, struct.error) as e:
         raise diagnose.truncated(path, f"{type(e).__name__}: {e}") from None
     except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError,
