@@ -336,6 +336,8 @@ def run(env: Any) -> list[Row]:
     # -- a Hugging Face directory written by transformers, served by the wire test daemon
     hf_root = env.base / "hfserve"
     hf_dir = hf_root / "minilm"
+    if not hf_dir.is_dir():
+        raise RuntimeError("the Hugging Face case needs transformers: pip install 'devmapd[hf]'")
     warm(hf_dir)
     server = WireServer(env.base / "hfwire", hf_root)
     try:
