@@ -10,6 +10,7 @@ process, so GPU-resident models (without a host copy) are loaded again.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -51,7 +52,8 @@ def park(notifier: Any, name: str, version: ServedVersion) -> list[str]:
     try:
         return fdstore.stash(notifier, name, version.generation, version.manifest.to_json(), version.fds,
                              version.fingerprint, extra={"inspection": inspection_facts(version.inspection),
-                                                         "load_time_s": version.load_time_s})
+                                                         "load_time_s": version.load_time_s,
+                                                         "side_files": _side_files_text(version)})
     except (OSError, ValueError) as exc:  # the store is an optimisation: never fail a load over it
         log.warning("%s: not parked in the fd store: %s", name, exc)
         return []
@@ -75,4 +77,20 @@ def revive(stored: fdstore.StoredModel) -> ServedVersion:
     return ServedVersion(generation=stored.generation, manifest=manifest, segments=segments,
                          placement=placement, fingerprint=stored.fingerprint,
                          load_time_s=float(stored.extra.get("load_time_s", 0.0)), inspection=insp,
-                         manifest_json=encode_manifest(manifest))
+                         manifest_json=encode_manifest(manifest),
+                         side_files_json=_side_files_of(stored.extra.get("side_files")))
+
+
+def _side_files_text(version: ServedVersion) -> str | None:
+    return version.side_files_json.decode("utf-8") if version.side_files_json is not None else None
+
+
+def _side_files_of(text: Any) -> bytes | None:
+    """The parked side files, re-checked: an fd-store entry is ours, but never trusted blindly."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return text.encode("utf-8") if isinstance(value, dict) else None

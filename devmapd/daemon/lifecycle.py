@@ -471,7 +471,8 @@ class Daemon:
         self.metrics.observe_fetch(name, time.perf_counter() - started)
         self.registry.changed(rec, f"{name}: fetched by pid {getattr(peer, 'pid', '?')} (uid {getattr(peer, 'uid', '?')})")
         return FetchGrant(manifest=version.manifest_for_client(), fds=version.fds, lease=lease,
-                          model=rec.to_status(), manifest_json=version.manifest_json)
+                          model=rec.to_status(), manifest_json=version.manifest_json,
+                          side_files_json=version.side_files_json)
 
     def release(self, lease: Any) -> None:
         name = self._leases.pop(lease, None)

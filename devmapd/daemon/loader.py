@@ -14,13 +14,14 @@ the placement label says ``cuda:N`` and status marks the device simulated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from devmapd.engine import checkpoint
+from devmapd.engine import checkpoint, sidefiles
 from devmapd.engine.arena import Manifest, SealedSegment
 from devmapd.wire.protocol import encode_manifest
 
@@ -51,6 +52,9 @@ class ServedVersion:
     load_time_s: float = 0.0
     inspection: Any = None
     manifest_json: bytes | None = None  # encoded once, off the event loop (CPU/simulated versions)
+    # A Hugging Face directory's config.json / generation_config.json, parsed and encoded once:
+    # shipped with every fetch so a client builds the model without reading the model dir.
+    side_files_json: bytes | None = None
 
     @property
     def fds(self) -> list[int | None]:
@@ -113,6 +117,16 @@ def placement_of(manifest: Manifest) -> dict[str, int]:
     return out
 
 
+def read_side_files_json(source: Any, options: checkpoint.ReadOptions) -> bytes | None:
+    """The side files of an HF directory as the JSON object a fetch reply carries; None for a
+    single-file model. A side file that exists but is unusable fails the load (its diagnosis)."""
+    if getattr(source, "kind", None) != "hf-dir":
+        return None
+    files = sidefiles.read_side_files(source.path, root=options.root,
+                                      max_bytes=min(options.max_side_file_bytes, sidefiles.MAX_SIDE_FILE_BYTES))
+    return json.dumps(files, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def load_version(
     source: Any,
     generation: int,
@@ -131,6 +145,7 @@ def load_version(
     :class:`UploadError` when a GPU upload fails (everything read is released first).
     """
     started = time.perf_counter()
+    side_files_json = read_side_files_json(source, options)   # before any segment exists to release
     loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
     segments: list[SealedSegment | None] = list(loaded.segments)
     infos = list(loaded.manifest.segments)
@@ -170,6 +185,7 @@ def load_version(
     manifest_json = None if gpu_segments else encode_manifest(manifest)
     return ServedVersion(
         manifest_json=manifest_json,
+        side_files_json=side_files_json,
         generation=generation,
         manifest=manifest,
         segments=segments,

@@ -187,10 +187,9 @@ class LoadQueue:
             strip_prefixes=n.strip_prefixes,
             cpu_upcast_half=n.cpu_upcast_half,
             gpu_dtype=(rule.dtype if rule and rule.dtype else n.gpu_dtype) or None,
-            max_header_bytes=s.max_header_mib * MIB,
-            max_tensors=s.max_tensors,
             memory_limit=self._capacity.host_free(),
             root=str(self._model_dir),
+            **s.read_option_values(),   # every [safety] cap: header, tensors, side files, tree expansion
         )
 
     def _still_wanted(self, rec: ModelRecord, attempt: int) -> bool:
@@ -208,7 +207,8 @@ class LoadQueue:
             if name not in self._short_of_fds:
                 self._short_of_fds.append(name)
             return
-        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir))
+        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir),
+                                       options=self._read_options(rec))
         if not self._still_wanted(rec, attempt):
             return  # evicted or removed while we inspected
         if insp.diagnosis is not None:

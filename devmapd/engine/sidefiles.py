@@ -9,12 +9,11 @@ A missing file is simply absent; a present but unreadable one is reported, not s
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from devmapd.engine import checkpoint, diagnose
-from devmapd.engine.formats.common import open_file
+from devmapd.engine import diagnose
+from devmapd.engine.formats.common import read_json_file
 
 __all__ = ["SIDE_FILES", "MAX_SIDE_FILE_BYTES", "read_side_files"]
 
@@ -34,28 +33,10 @@ def read_side_files(directory: str | os.PathLike[str], *, names: tuple[str, ...]
         path = os.path.join(d, name)
         if not os.path.lexists(path):
             continue
-        # Links (a Hugging Face cache snapshot links to its blobs) are resolved once here;
-        # the open itself refuses to follow any, and root containment is checked on what
-        # was opened.
-        f = open_file(os.path.realpath(path), path)
-        try:
-            checkpoint._check_inside(f, root)
-            size = f.size
-            if size > max_bytes:
-                raise diagnose.too_large(path, f"a {size}-byte {name}",
-                                         f"{max_bytes} bytes (the side-file cap)")
-            data = b""
-            while len(data) < size:
-                chunk = os.pread(f.fd, size - len(data), len(data))
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            f.close()
-        try:
-            value = json.loads(data)
-        except ValueError as e:
-            raise diagnose.corrupt(path, f"{name} is not valid JSON: {e}") from None
+        # One safe opener for every model-dir file: the link is resolved once and kept inside
+        # root, the opened inode must be a regular file, reads stop at its size at open.
+        value = read_json_file(path, root=root, max_bytes=max_bytes, what=name,
+                               limit_name="the side-file cap")
         if type(value) is not dict:
             raise diagnose.corrupt(path, f"{name} holds a JSON {type(value).__name__}, not an object")
         out[name] = value

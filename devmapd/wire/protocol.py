@@ -127,6 +127,7 @@ class FetchGrant:
     lease: Any              # given back through DaemonAPI.release on `release` or disconnect
     model: dict = field(default_factory=dict)   # the status record of the model served
     manifest_json: bytes | None = None  # manifest.to_json() already encoded (encode_manifest), if at hand
+    side_files_json: bytes | None = None  # an HF directory's parsed side files, a JSON object, if any
 
 
 class DaemonAPI(Protocol):

@@ -721,8 +721,10 @@ class _Conn:
             # Splice the cached manifest JSON into the reply instead of re-encoding it.
             body = b"".join((b'{"id":', P._dumps(rid).encode(), b',"ok":true,"result":{"lease":',
                              str(lease_id).encode(), b',"model":',
-                             P._dumps(grant.model or {}).encode("utf-8"), b',"manifest":',
-                             manifest_json, b"}}"))
+                             P._dumps(grant.model or {}).encode("utf-8"),
+                             b',"side_files":' + grant.side_files_json if grant.side_files_json else b"",
+                             # the manifest stays last: a client reuses its parse of an unchanged tail
+                             b',"manifest":', manifest_json, b"}}"))
             await self._send_bytes(P.HEADER.pack(len(body)) + body, own, self.srv.write_timeout_s)
         finally:
             P.close_fds(own)

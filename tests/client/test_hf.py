@@ -81,3 +81,28 @@ def test_import_devmapd_never_imports_transformers():
     code = "import sys, devmapd, devmapd.client; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_real_daemon_ships_the_side_files_and_the_model_matches_automodel(tmp_path, models):
+    """End to end: `devmapd serve` on a directory holding a transformers-written BERT. The client
+    reads no file: its config comes in the fetch reply (without it from_pretrained raises
+    TooOldDaemon, see above)."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from tests.harness import start_daemon
+
+    model_dir = tmp_path / "models"
+    shutil.copytree(models["bert"], model_dir / "bert")
+    d = start_daemon(tmp_path, model_dir=model_dir)
+    try:
+        d.wait_model("bert", "ready", timeout=120)
+        got = devmapd.hf.from_pretrained("bert", socket=d.socket)
+        ref = AutoModel.from_pretrained(model_dir / "bert")
+        with torch.no_grad():
+            assert torch.equal(got(**_inputs()).last_hidden_state, ref(**_inputs()).last_hidden_state)
+        for name, p in got.named_parameters():
+            assert served_memory(p), f"{name} was copied"
+    finally:
+        assert d.stop() == 0, d.log()[-3000:]
