@@ -663,9 +663,12 @@ class DevmapdApp(App[int]):
             self.notify(safe(f"{op} {name}: {error}"), severity="error", timeout=6, markup=False)
             return
         message = result.get("message") if isinstance(result, dict) else None
+        outcome = result.get("outcome") if isinstance(result, dict) else None
         if not message and isinstance(result, dict) and result.get("state"):
             message = f"accepted, now {result['state']}"
-        log.add(self.clock(), "info", f"{op} {name}{target}: {message or 'accepted'}")
+        # The daemon says what happened (applied | pending | unchanged): show it, not "ok".
+        said = f"{outcome}: {message}" if outcome and message else (outcome or message or "accepted")
+        log.add(self.clock(), "pending" if outcome == "pending" else "info", f"{op} {name}{target}: {said}")
         record = result.get("model") if isinstance(result, dict) else None
         if isinstance(record, dict) and record.get("name"):
             self.state.apply_model(record)

@@ -49,7 +49,8 @@ STATE_STYLE = {"ready": "green", "loading": "yellow", "queued": "cyan", "failed"
 ACTION_STYLE = {"placed": "green", "promoted": "green", "loaded": "green", "reloaded": "green",
                 "demoted": "yellow", "remapped": "cyan", "pinned": "cyan", "unpinned": "cyan",
                 "evicted": "magenta", "failed": "bold red", "removed": "magenta", "refused": "red",
-                "error": "red", "info": "grey62", "problem": "yellow", "resolved": "green"}
+                "error": "red", "info": "grey62", "problem": "yellow", "resolved": "green",
+                "pending": "yellow"}
 
 
 def memory_bar(device: dict[str, Any], width: int = BAR_WIDTH) -> Text:

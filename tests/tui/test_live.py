@@ -120,7 +120,7 @@ async def test_pin_unpin_evict_and_reload_with_confirmation(shared_daemon):
         await pilot.press("y")
         await wait_until(pilot, lambda: record(app, "big").get("state") == "evicted", what="evicted")
         assert (await in_thread(handle.model, "big"))["state"] == "evicted"
-        assert "evict big: accepted" in log_text(app)
+        assert "evict big: applied: " in log_text(app)   # the daemon's outcome and message
 
         # Pinning a model that is not in memory asks where, with "pin there" ticked.
         await pilot.press("p")
