@@ -127,6 +127,11 @@ def status_text(status: dict[str, Any]) -> str:
     head = (f"devmapd {safe(d.get('version', '?'))} on {safe(d.get('host', '?'))}  pid {safe(d.get('pid', '?'))}  "
             f"up {d.get('uptime_s') or 0:.0f}s  backend {safe(d.get('backend', '?'))}\n"
             f"models from {safe(d.get('model_dir', '?'))}  socket {safe(d.get('socket', '?'))}")
+    fds, state = d.get("fds"), d.get("state_dir")
+    if isinstance(fds, dict) and fds.get("limit"):
+        head += f"\nfile descriptors {fds.get('open', '?')} of {fds['limit']} open (new loads stop {fds.get('reserve', '?')} short)"
+    if isinstance(state, dict) and state.get("path"):
+        head += f"\nstate in {safe(state['path'])} ({safe(state.get('why') or state.get('source') or '')})"
     if d.get("warning"):
         head += f"\nwarning: {safe(d['warning'])}"
     devices = table(

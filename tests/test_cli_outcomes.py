@@ -168,3 +168,12 @@ def test_stale_hint_is_the_one_the_renderer_prints() -> None:
 
     assert action_text("evict", "x", None, {"state": "ready"}).endswith(STALE_HINT)
     assert action_text("evict", "x", None, {"outcome": "applied", "message": "m"}) == "evict x: applied: m"
+
+
+def test_status_text_says_how_many_fds_are_open_and_where_state_lives(real) -> None:
+    st = json.loads(cli(real.socket, "status", "--json").stdout)
+    fds, state = st["daemon"]["fds"], st["daemon"]["state_dir"]
+    assert 0 < fds["open"] < fds["limit"] and fds["reserve"] > 0, fds
+    text = cli(real.socket, "status").stdout
+    assert f" of {fds['limit']} open (new loads stop {fds['reserve']} short)" in text, text
+    assert f"state in {safe(state['path'])} (" in text, text

@@ -172,6 +172,14 @@ class Metrics:
                 "Unix time the daemon started.",
                 [("devmapd_start_time_seconds", {}, float(daemon["started_at"]))],
             )
+        fds = daemon.get("fds")
+        if isinstance(fds, dict) and fds.get("limit"):
+            # Each served model holds memfds: alert well before new loads start being refused.
+            for key, help_text in (("open", "File descriptors the daemon holds open."),
+                                   ("limit", "The daemon's soft RLIMIT_NOFILE (LimitNOFILE= under systemd)."),
+                                   ("reserve", "Descriptors kept free: new loads are refused below this.")):
+                name = f"devmapd_fds_{key}"
+                w.family(name, "gauge", help_text, [(name, {}, int(fds.get(key) or 0))])
 
         dev = [(d, {"device": d.get("id", "?")}) for d in devices]
         for field, help_text in (

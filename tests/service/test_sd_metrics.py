@@ -210,3 +210,10 @@ def test_counters_are_thread_safe():
     s = _samples(m.render({}))
     assert s[("devmapd_fetches_total", (("model", "x"),))] == 8000
     assert s[("devmapd_demotions_total", (("model", "x"),))] == 8000
+
+
+def test_file_descriptors_are_exported_when_status_has_them():
+    status = {**STATUS, "daemon": {**STATUS.get("daemon", {}), "fds": {"open": 70, "limit": 1024, "reserve": 64}}}
+    s = _samples(Metrics(version="1").render(status))
+    assert (s[("devmapd_fds_open", ())], s[("devmapd_fds_limit", ())], s[("devmapd_fds_reserve", ())]) == (70, 1024, 64)
+    assert ("devmapd_fds_open", ()) not in _samples(Metrics(version="1").render(STATUS))
