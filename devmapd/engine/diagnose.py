@@ -14,11 +14,15 @@ import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 CODES = (
     "device_mismatch", "out_of_memory", "corrupt", "truncated", "not_a_checkpoint", "empty",
     "unsafe_pickle", "permission_denied", "unsupported_format", "changed_during_read",
     "too_large", "not_found", "io_error", "outside_model_dir")
+
+# What the helpers accept as the file named in a message; None reads "the checkpoint".
+PathArg: TypeAlias = "os.PathLike[str] | str | None"
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Diagnosis:
     message: str   # one plain sentence saying what is wrong AND the fix
     detail: str | None = None   # the underlying error text, for logs
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, str | None]:
         return {"code": self.code, "message": self.message, "detail": self.detail}
 
 
@@ -39,7 +43,7 @@ class CheckpointError(Exception):
         self.diagnosis = diagnosis
 
 
-def _name(path: os.PathLike | str | None) -> str:
+def _name(path: PathArg) -> str:
     return str(path) if path is not None else "the checkpoint"
 
 
@@ -58,37 +62,37 @@ def error(code: str, message: str, detail: str | None = None) -> CheckpointError
 
 # --- constructors, one per failure kind (keep the wording plain and end with the fix) ---------
 
-def empty(path) -> CheckpointError:
+def empty(path: PathArg) -> CheckpointError:
     return error("empty", f"{_name(path)} is an empty file (0 bytes); the save was probably interrupted "
                           "— save the checkpoint again.")
 
 
-def truncated(path, detail: str | None = None) -> CheckpointError:
+def truncated(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("truncated", f"{_name(path)} is truncated (the file ends early); it was probably copied or "
                               "saved only partly — copy or save it again.", detail)
 
 
-def corrupt(path, detail: str | None = None) -> CheckpointError:
+def corrupt(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("corrupt", f"{_name(path)} is corrupt ({detail or 'inconsistent contents'}); "
                             "save or copy the checkpoint again.", detail)
 
 
-def not_a_checkpoint(path, what: str | None = None, detail: str | None = None) -> CheckpointError:
+def not_a_checkpoint(path: PathArg, what: str | None = None, detail: str | None = None) -> CheckpointError:
     what = what or "not a PyTorch checkpoint (invalid magic number)"
     return error("not_a_checkpoint", f"{_name(path)} is {what}; put only files written by torch.save or "
                                      "safetensors in the model directory.", detail)
 
 
-def outside_model_dir(path, real: str, root: str) -> CheckpointError:
+def outside_model_dir(path: PathArg, real: str, root: str) -> CheckpointError:
     return error("outside_model_dir", f"{_name(path)} resolves to {real}, outside the model directory {root}; "
                                       "devmapd serves only files inside it: copy the file in instead of linking it.")
 
 
-def unsupported(path, what: str, fix: str, detail: str | None = None) -> CheckpointError:
+def unsupported(path: PathArg, what: str, fix: str, detail: str | None = None) -> CheckpointError:
     return error("unsupported_format", f"{_name(path)} is {what}; {fix}.", detail)
 
 
-def torchscript(path) -> CheckpointError:
+def torchscript(path: PathArg) -> CheckpointError:
     return unsupported(path, "a TorchScript archive (torch.jit.save), which devmapd does not serve",
                        "load it with torch.jit.load, or save model.state_dict() with torch.save "
                        "to have devmapd serve it")
@@ -100,14 +104,14 @@ _CODE_RUNNERS = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "sock
                  "builtins.getattr", "builtins.__import__", "builtins.open", "webbrowser.", "code.")
 
 
-def pickled_module(path, names: str, detail: str | None = None) -> CheckpointError:
+def pickled_module(path: PathArg, names: str, detail: str | None = None) -> CheckpointError:
     """torch.save(model): a format choice, not an attack, so ``unsupported_format`` with the fix."""
     return unsupported(path, f"a whole pickled model object ({names}, written by torch.save(model)), not "
                              "just its weights, which weights-only loading cannot rebuild",
                        "save its state_dict instead: torch.save(model.state_dict(), path)", detail)
 
 
-def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | None = None, *,
+def unsafe_pickle(path: PathArg, offending: list[str] | tuple[str, ...], detail: str | None = None, *,
                   whole_module: bool = False) -> CheckpointError:
     """A refused global. ``whole_module``: the pickle itself shows nn.Module state (the caller
     parsed its opcodes); without it, the names alone decide."""
@@ -125,41 +129,41 @@ def unsafe_pickle(path, offending: list[str] | tuple[str, ...], detail: str | No
                  "only the tensors (model.state_dict()).", detail)
 
 
-def permission_denied(path, detail: str | None = None) -> CheckpointError:
+def permission_denied(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("permission_denied", f"{_name(path)} cannot be read by devmapd (permission denied); make it "
                                       "readable by the daemon's user, e.g. chmod o+r or chgrp to its group.",
                  detail)
 
 
-def not_found(path, detail: str | None = None) -> CheckpointError:
+def not_found(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("not_found", f"{_name(path)} does not exist (it may have been moved or deleted); check the path.",
                  detail)
 
 
-def changed_during_read(path, detail: str | None = None) -> CheckpointError:
+def changed_during_read(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("changed_during_read", f"{_name(path)} changed while devmapd was reading it; write checkpoints "
                                         "to a temporary name and rename them into place, then reload.", detail)
 
 
-def out_of_memory(path, need: int, available: int, where: str = "host memory",
+def out_of_memory(path: PathArg, need: int, available: int, where: str = "host memory",
                   detail: str | None = None) -> CheckpointError:
     return error("out_of_memory", f"{_name(path)} needs {_human(need)} but only {_human(available)} of "
                                   f"{where} is available; free memory, raise the memory limit, or evict "
                                   "other models.", detail)
 
 
-def too_large(path, what: str, limit: str, detail: str | None = None) -> CheckpointError:
+def too_large(path: PathArg, what: str, limit: str, detail: str | None = None) -> CheckpointError:
     return error("too_large", f"{_name(path)} has {what}, over the limit of {limit}; raise the limit in the "
                               "config if the file is trusted.", detail)
 
 
-def device_mismatch(path, saved: str, detail: str | None = None) -> CheckpointError:
+def device_mismatch(path: PathArg, saved: str, detail: str | None = None) -> CheckpointError:
     return error("device_mismatch", f"{_name(path)} was saved on {saved}, which this machine does not have; "
                                     "load it with map_location='cpu' (or a dict such as "
                                     f"{{'{saved}': 'cuda:0'}}) to place it on a device that exists.", detail)
 
 
-def io_error(path, detail: str | None = None) -> CheckpointError:
+def io_error(path: PathArg, detail: str | None = None) -> CheckpointError:
     return error("io_error", f"{_name(path)} could not be read because of an I/O error ({detail}); check the "
                              "disk and the file, then reload.", detail)
 
@@ -179,7 +183,7 @@ def offending_globals_in(text: str) -> list[str]:
     return found
 
 
-def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None) -> Diagnosis:
+def diagnose_exception(exc: BaseException, path: PathArg = None) -> Diagnosis:
     """Map any exception met while loading ``path`` (by devmapd or by plain torch.load) to a Diagnosis."""
     if isinstance(exc, CheckpointError):
         return exc.diagnosis
@@ -253,16 +257,16 @@ def diagnose_exception(exc: BaseException, path: os.PathLike | str | None = None
 _sniffing = threading.local()
 # How to tell what a file is without reading its tensors: checkpoint.inspect, registered by
 # devmapd.engine.checkpoint when it is imported (it imports this module, not the reverse).
-_sniffer: Callable[[str], Diagnosis | None] | None = None
+_sniffer: Callable[[os.PathLike[str] | str], Diagnosis | None] | None = None
 
 
-def register_sniffer(sniffer: Callable[[str], Diagnosis | None]) -> None:
+def register_sniffer(sniffer: Callable[[os.PathLike[str] | str], Diagnosis | None]) -> None:
     """Let diagnose_exception ask the file itself what is wrong with it (see _inspect_diagnosis)."""
     global _sniffer
     _sniffer = sniffer
 
 
-def _inspect_diagnosis(path) -> Diagnosis | None:
+def _inspect_diagnosis(path: PathArg) -> Diagnosis | None:
     # inspect() itself turns unexpected errors into diagnoses through diagnose_exception: the
     # thread-local flag stops that from recursing back into inspect().
     if path is None or getattr(_sniffing, "active", False):
