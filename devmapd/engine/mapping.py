@@ -171,7 +171,8 @@ def apply_tensors(tensors: Sequence[torch.Tensor], saved_locations: Sequence[str
                 else:
                     target = normalize(target)
                     check_available(target, asked_by="map_location")
-                    moved = st.to(device=target) if hasattr(st, "to") else st.cpu()
+                    moved = (st.to(device=target) if hasattr(st, "to")
+                             else st.cpu())  # type: ignore[no-untyped-call]  # torch's _StorageBase.cpu is unannotated
                     done[key] = None if _same_storage(moved, st) else moved
         new_st = done[key]
         out.append(t if new_st is None else _rebuild_on(t, new_st))
@@ -233,7 +234,7 @@ def _replace(obj: Any, repl: dict[int, torch.Tensor]) -> Any:
         return repl.get(id(obj), obj)
     t = type(obj)
     if t in (dict, collections.OrderedDict, collections.Counter):
-        new = t()
+        new: dict[Any, Any] = t()
         for k, v in obj.items():
             new[_replace(k, repl)] = _replace(v, repl)
         return new

@@ -39,7 +39,7 @@ class Walked:
     prefixes: list[str]            # prefixes found (and stripped), outermost first
 
 
-def _strip_keys(d: dict, prefixes: tuple[str, ...], found: list[str]) -> dict:
+def _strip_keys(d: dict[Any, Any], prefixes: tuple[str, ...], found: list[str]) -> dict[Any, Any]:
     """Strip prefixes carried by every key of ``d`` (repeatedly, for stacked wrappers)."""
     keys = list(d.keys())
     if not keys or not all(type(k) is str for k in keys):
