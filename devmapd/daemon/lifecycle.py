@@ -399,11 +399,26 @@ class Daemon:
         self.registry.remove(name, f"{name}: file removed; unloaded")
 
     # ------------------------------------------------------------------ polling & pressure
+    def _publish_problems(self, last: Any) -> Any:
+        """A ``problems`` event when the watcher's problems or pending lists changed since ``last``
+        (a dashboard shows them at once instead of at its next status refresh)."""
+        watcher = self.watcher
+        if watcher is None:
+            return last
+        now = (dict(watcher.problems), dict(watcher.pending))
+        if now != last:
+            if last is not None or any(now):
+                self.registry.emit({"type": "problems", "problems": now[0], "pending": now[1],
+                                    "message": f"{len(now[0])} files not served, {len(now[1])} directories "
+                                               "waiting for shards"})
+        return now
+
     async def _poll_loop(self) -> None:
         interval = self.cfg.devices.poll_interval_s
         watchdog_every = self.notifier.watchdog_interval() if self.notifier is not None else None
         last_watchdog = 0.0
         last_devices: Any = None
+        last_problems: Any = None
         last_summary = ""
         while True:
             try:
@@ -413,6 +428,7 @@ class Daemon:
                 if fingerprint != last_devices:
                     last_devices = fingerprint
                     self.registry.emit({"type": "devices", "devices": devices, "message": "devices updated"})
+                last_problems = self._publish_problems(last_problems)
                 self.pressure.poll()
                 if self.loads.gpu_released:
                     # torch frees an exported CUDA block only once its importers let go and
