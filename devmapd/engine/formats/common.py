@@ -21,11 +21,14 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from devmapd.engine import diagnose
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 # A side file (shard index, config.json...) is a small JSON document: the biggest real shard
 # index (~100k tensors) is ~10 MiB. Anything over this is not one and is not read.
@@ -69,7 +72,7 @@ class OpenedFile:
     def size(self) -> int:
         return self.before.st_size
 
-    def identity(self, st: os.stat_result | None = None) -> tuple:
+    def identity(self, st: os.stat_result | None = None) -> tuple[int, int, int, int, int]:
         st = st or self.before
         return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
 
@@ -113,11 +116,13 @@ class _PreadRaw(io.RawIOBase):
         self._pos = base + pos
         return self._pos
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: WriteableBuffer) -> int:
         # Never past the size fstat gave at open: a file growing under us is not read on.
-        data = os.pread(self._fd, max(0, min(len(b), self._size - self._pos)), self._pos)
-        n = len(data)
-        b[:n] = data
+        # The view is released on return, so a caller may resize its bytearray afterwards.
+        with memoryview(b) as view:
+            data = os.pread(self._fd, max(0, min(len(view), self._size - self._pos)), self._pos)
+            n = len(data)
+            view[:n] = data
         self._pos += n
         return n
 
@@ -277,8 +282,9 @@ def read_json_file(path: str | os.PathLike[str], *, root: str | None = None, dis
 
 def meta_storage(nbytes: int, dtype: torch.dtype) -> torch.storage.TypedStorage:
     """A storage of ``nbytes`` on the meta device: costs nothing, whatever the declared size."""
-    us = torch.UntypedStorage(nbytes, device="meta")
-    return torch.storage.TypedStorage(wrap_storage=us, dtype=dtype, _internal=True)
+    us = torch.UntypedStorage(nbytes, device="meta")  # type: ignore[no-untyped-call]  # torch's constructor is unannotated
+    return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]  # TypedStorage.__init__ is unannotated
+        wrap_storage=us, dtype=dtype, _internal=True)
 
 
 def element_size(dtype: torch.dtype) -> int:

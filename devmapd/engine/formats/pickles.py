@@ -19,13 +19,12 @@ inspection use the tensor's dtype.
 """
 from __future__ import annotations
 
-import io
 import pickle
 import pickletools
 import struct
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch._weights_only_unpickler as _wo
@@ -258,18 +257,18 @@ def _bounded_bytearray(*args: Any) -> bytearray:
 _wo._get_allowed_globals()["builtins.bytearray"] = _bounded_bytearray
 
 
-def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
+def load_pickle(stream: IO[bytes], path: str,
                 persistent_load: Callable[[Any], Any] | None = None) -> Any:
     """Run torch's weights-only unpickler on ``stream``; every failure becomes a CheckpointError."""
     start = stream.tell()
     unpickler = _wo.Unpickler(stream, encoding="utf-8")
     if persistent_load is not None:
-        unpickler.persistent_load = persistent_load
+        unpickler.persistent_load = persistent_load  # type: ignore[method-assign]  # pickle's per-instance hook
     # Only the object pickle (the one with storages) builds tensors worth watching.
     watch = _TensorWatch(persistent_load) if isinstance(persistent_load, StorageCollector) else nullcontext()
     try:
         with watch:
-            return unpickler.load()
+            return unpickler.load()  # type: ignore[no-untyped-call]  # torch's Unpickler.load is unannotated
     except diagnose.CheckpointError:
         raise
     except _BoundedBytearrayError as e:
@@ -289,7 +288,7 @@ def load_pickle(stream: io.BufferedIOBase | io.BytesIO, path: str,
         raise diagnose.corrupt(path, f"unreadable pickle ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
 
 
-def globals_in(stream, start: int) -> list[str]:
+def globals_in(stream: IO[bytes], start: int) -> list[str]:
     """Globals a pickle names, found by parsing its opcodes only (pickletools never executes)."""
     found: list[str] = []
     strings: list[str] = []
@@ -320,7 +319,7 @@ def globals_in(stream, start: int) -> list[str]:
 _MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules"})
 
 
-def pickles_module_state(stream, start: int) -> bool:
+def pickles_module_state(stream: IO[bytes], start: int) -> bool:
     """Whether the pickle's strings include nn.Module's own attribute names (opcodes only)."""
     seen: set[str] = set()
     stream.seek(start)
@@ -337,9 +336,10 @@ def pickles_module_state(stream, start: int) -> bool:
     return seen == _MODULE_STATE
 
 
-def refused_globals(stream, start: int) -> list[str]:
+def refused_globals(stream: IO[bytes], start: int) -> list[str]:
     """The globals in the pickle that torch's weights-only unpickler would refuse, in file order."""
-    allowed = set(_wo._get_allowed_globals()) | set(_wo._get_user_allowed_globals())
+    allowed = set(_wo._get_allowed_globals()) | set(
+        _wo._get_user_allowed_globals())  # type: ignore[no-untyped-call]  # torch internal, unannotated
     out: list[str] = []
     for name in globals_in(stream, start):
         if name not in allowed and name not in out:
