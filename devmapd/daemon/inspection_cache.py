@@ -91,12 +91,14 @@ class InspectionCache:
     """Stored parses under ``state_dir``; thread-safe (lookups and stores run in load threads)."""
 
     def __init__(self, state_dir: str | os.PathLike[str], *, enabled: bool = True,
-                 scope: Callable[[], tuple[str, ...]] | None = None) -> None:
+                 scope: Callable[[], tuple[str, ...]] | None = None,
+                 parse: Callable[[Any, ReadOptions], Learned] | None = None) -> None:
         self.dir = Path(state_dir) / DIRNAME
         self.enabled = enabled
         # What else decides whether a parse succeeds: the daemon admits its allowed globals
         # process-wide (not per read), so a record made under other globals is another record.
         self._scope = scope or (lambda: ())
+        self._parse = parse or learn   # a miss is parsed by this (parsepool.ParsePool.learn: worker processes)
         self._lock = threading.Lock()
         self._checked = False
         # Records are written by one writer thread, off the load path (creating a file costs
@@ -291,7 +293,7 @@ class InspectionCache:
         hit = self.lookup(path, options)
         if hit is not None:
             return hit
-        learned = learn(source, options)
+        learned = self._parse(source, options)
         if learned.ok:
             self.store_later(path, learned, options)
         return learned
