@@ -88,7 +88,7 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
             "a zip archive with several data.pkl records"
         raise diagnose.not_a_checkpoint(path, what) if not pkls else diagnose.corrupt(path, what)
     prefix = pkls[0][: -len("data.pkl")]
-    members = {}
+    members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
         if info.filename in members:   # readers disagree on which duplicate wins: refuse
             raise diagnose.corrupt(path, f"duplicate zip member {info.filename}")
@@ -130,14 +130,14 @@ def parse(f: OpenedFile, *, max_header_bytes: int, max_tensors: int, locate: boo
     obj = load_pickle(io.BytesIO(data), path, collector)
     recs = list(collector.records.values())
     for rec in recs:
-        info = members.get(f"{prefix}data/{rec.key}")
-        if info is None:
+        member = members.get(f"{prefix}data/{rec.key}")
+        if member is None:
             raise diagnose.corrupt(path, f"storage {rec.key} named in data.pkl is missing from the archive")
-        if info.file_size != rec.nbytes:
+        if member.file_size != rec.nbytes:
             raise diagnose.corrupt(path, f"storage {rec.key} declares {rec.nbytes} bytes but the archive "
-                                         f"holds {info.file_size}")
+                                         f"holds {member.file_size}")
         if locate:
-            rec.offset = _data_offset(f, info)
+            rec.offset = _data_offset(f, member)
     # torch.load reads every record besides the storages too (version, byteorder,
     # .data/serialization_id, ...) and refuses the file if any local header is damaged.
     data_prefix = prefix + "data/"
@@ -196,7 +196,7 @@ def _check_version(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], pre
         raise diagnose.corrupt(path, f"the archive version record {raw[:16]!r} is not a version torch reads")
 
 
-def _small_record(zf: zipfile.ZipFile, info, path: str) -> bytes | None:
+def _small_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo | None, path: str) -> bytes | None:
     if info is None:
         return None
     if info.file_size > 64:
@@ -215,7 +215,7 @@ def _data_offset(f: OpenedFile, info: zipfile.ZipInfo) -> int:
     name = f.pread(nlen, info.header_offset + _LOCAL_HEADER.size)
     if name.decode("utf-8", "replace") != info.filename:
         raise diagnose.corrupt(f.path, f"local header name of {info.filename} does not match the directory")
-    start = info.header_offset + _LOCAL_HEADER.size + nlen + xlen
+    start: int = info.header_offset + _LOCAL_HEADER.size + nlen + xlen
     if start + info.file_size > f.size:
         raise diagnose.truncated(f.path, f"data of {info.filename} extends past the end of the file")
     return start
