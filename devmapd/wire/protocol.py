@@ -40,7 +40,6 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # only for annotations: importing arena pulls in torch
@@ -109,25 +108,58 @@ class ProtocolError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
 class Peer:
-    """Who is on the other end of a connection, from SO_PEERCRED (see peercred.identify)."""
+    """Who is on the other end of a connection, from SO_PEERCRED (see peercred.identify).
+
+    Immutable. A plain class rather than a dataclass: every client process imports this module,
+    and the dataclasses machinery alone costs about a millisecond of its start-up."""
+
+    __slots__ = ("pid", "uid", "gid", "groups", "operator")
     pid: int
     uid: int
     gid: int
-    groups: tuple[int, ...] = ()
-    operator: bool = False
+    groups: tuple[int, ...]
+    operator: bool
+
+    def __init__(self, pid: int, uid: int, gid: int, groups: tuple[int, ...] = (), operator: bool = False) -> None:
+        for name, value in (("pid", pid), ("uid", uid), ("gid", gid), ("groups", tuple(groups)),
+                            ("operator", operator)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Peer is immutable; use with_operator() (tried to set {name})")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.pid, self.uid, self.gid, self.groups, self.operator)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Peer) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Peer(pid={self.pid}, uid={self.uid}, gid={self.gid}, groups={self.groups}, "
+                f"operator={self.operator})")
+
+    def with_operator(self, operator: bool) -> Peer:
+        """The same peer with its operator right decided (the server does this at accept)."""
+        return Peer(self.pid, self.uid, self.gid, self.groups, operator)
 
 
-@dataclass
 class FetchGrant:
-    """What DaemonAPI.fetch hands the server for one fetch."""
-    manifest: Manifest
-    fds: list[int | None]   # per manifest segment; the daemon keeps ownership (server never closes them)
-    lease: Any              # given back through DaemonAPI.release on `release` or disconnect
-    model: dict = field(default_factory=dict)   # the status record of the model served
-    manifest_json: bytes | None = None  # manifest.to_json() already encoded (encode_manifest), if at hand
-    side_files_json: bytes | None = None  # an HF directory's parsed side files, a JSON object, if any
+    """What DaemonAPI.fetch hands the server for one fetch (a plain class: see Peer)."""
+
+    __slots__ = ("manifest", "fds", "lease", "model", "manifest_json", "side_files_json")
+
+    def __init__(self, manifest: Manifest, fds: list[int | None], lease: Any, model: dict | None = None,
+                 manifest_json: bytes | None = None, side_files_json: bytes | None = None) -> None:
+        self.manifest = manifest
+        self.fds = fds                      # per manifest segment; the daemon keeps ownership (never closed here)
+        self.lease = lease                  # given back through DaemonAPI.release on `release` or disconnect
+        self.model = model if model is not None else {}   # the status record of the model served
+        self.manifest_json = manifest_json  # manifest.to_json() already encoded (encode_manifest), if at hand
+        self.side_files_json = side_files_json  # an HF directory's parsed side files, a JSON object, if any
 
 
 class DaemonAPI(Protocol):

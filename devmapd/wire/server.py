@@ -26,7 +26,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -169,7 +168,7 @@ class Server:
         self.policy = policy
         for conn in self._conns:
             p = conn.peer
-            conn.peer = dataclasses.replace(p, operator=policy.is_operator(p.uid, p.gid, p.groups))
+            conn.peer = p.with_operator(policy.is_operator(p.uid, p.gid, p.groups))
 
     def set_limits(self, *, max_frame: int, idle_timeout_s: float, max_conns_per_uid: int,
                    request_timeout_s: float, max_subs_per_conn: int | None = None,
