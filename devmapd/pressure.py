@@ -84,9 +84,15 @@ class PressureState:
 
     last_moves: tuple[tuple[str, LastMove], ...] = ()  # name -> its last move (sorted by name)
     room_since: tuple[tuple[str, float], ...] = ()  # name -> since when its home has had room
+    # name -> why a demoted model is not back home yet (what it waits for), for its reason
+    waits: tuple[tuple[str, str], ...] = ()
 
     def last_move(self, name: str) -> LastMove | None:
         return dict(self.last_moves).get(name)
+
+    def waiting_for(self, name: str) -> str | None:
+        """Why the demoted model ``name`` has not been promoted yet, or None."""
+        return dict(self.waits).get(name)
 
 
 @dataclass
@@ -199,6 +205,8 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
          and m.name not in moved),
         key=lambda m: (-m.last_fetch, m.name),
     )
+    waits: dict[str, str] = {}
+
     def fits(dev: str, cost: int) -> bool:
         g = by_id[dev]
         return (not g.lost and dev not in pressured and projected_free(dev) >= marks.high + cost
@@ -213,9 +221,14 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
             t for t in order if t != home.id and not by_id[t].lost and by_id[t].free >= marks.high + cost]
         if not home_has_room and not elsewhere:
             room_since.pop(m.name, None)
+            on = "stays on " + "+".join(sorted(m.parts))
+            waits[m.name] = (f"{on}: waits for {home.id} to have free >= high watermark + model "
+                             f"({fmt_bytes(marks.high + cost)}; it has {fmt_bytes(max(0, home.free))})")
             continue
         since = room_since.setdefault(m.name, now)
         if now - since < marks.cooldown_s or _blocked(last, m.name, PROMOTE, now, marks.cooldown_s):
+            where = home.id if home_has_room else "a GPU"
+            waits[m.name] = f"goes back to {where} once the room has lasted the {marks.cooldown_s:g}s cooldown"
             continue
         if home_has_room:
             if not fits(home.id, cost):
@@ -249,5 +262,6 @@ def evaluate(gpus: Sequence[DeviceCapacity], holdings: Sequence[Holding], state:
         last_moves=tuple(sorted((n, lm) for n, lm in last.items()
                                 if n in held_names and now - lm.at < marks.cooldown_s)),
         room_since=tuple(sorted((n, t) for n, t in room_since.items() if n in held_names)),
+        waits=tuple(sorted((n, w) for n, w in waits.items() if n in held_names and n not in moved)),
     )
     return moves, next_state

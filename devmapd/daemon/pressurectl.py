@@ -82,6 +82,7 @@ class PressureController:
                                                  clients=rec.clients))
         moves, self._state = pressure.evaluate(gpus, holdings, self._state, self._clock(), self.watermarks(),
                                                self._capacity.policy())
+        self._say_what_demoted_models_wait_for()
         for move in moves:
             rec = self._registry.get(move.name)
             if rec is None or self._mover.busy(rec.name) or rec.state == "loading":
@@ -92,6 +93,20 @@ class PressureController:
             else:
                 rec.home = rec.home or move.source
             self._move(rec, "promoted" if promoting else "demoted", move.source, move.target, move.reason)
+
+    def _say_what_demoted_models_wait_for(self) -> None:
+        """A demoted model's reason says what it waits for, not only how it got there: "demoted
+        from cuda:1" alone, long after the pressure ended, reads as if nothing would bring it back."""
+        for name, wait in self._state.waits:
+            rec = self._registry.get(name)
+            if rec is None or rec.home is None or rec.state != "ready":
+                continue
+            why = rec.reason or ""
+            base = why.split("; now ", 1)[0]
+            text = f"{base}; now {wait}"
+            if why != text:
+                rec.reason = text
+                self._registry.changed(rec, f"{name}: {wait}")
 
     def _settle_promotions(self) -> None:
         """A promotion that landed ends the model's exile; one that did not is tried again later."""

@@ -255,3 +255,18 @@ def test_home_is_preferred_when_it_has_room() -> None:
     _, state = evaluate(gpus, holdings, PressureState(), 0.0, MARKS, POLICY)
     moves, _ = evaluate(gpus, holdings, state, 31.0, MARKS, POLICY)
     assert names(moves) == [("m", "cpu", "cuda:1")] and moves[0].reason.endswith("back home")
+
+
+def test_a_demoted_model_that_cannot_go_home_says_what_it_waits_for() -> None:
+    # "m" was demoted from cuda:1 to cuda:0; cuda:1 has 3 GiB free, it needs high (4) + 2 GiB.
+    gpus = [gpu(0, 20, held_gib=2), gpu(1, 3)]
+    holdings = [hold("m", "cuda:0", 2, home="cuda:1")]
+    moves, state = evaluate(gpus, holdings, PressureState(), 1000.0, MARKS, POLICY)
+    assert moves == []
+    wait = state.waiting_for("m")
+    assert wait is not None and "stays on cuda:0" in wait and "cuda:1" in wait and "6.0 GiB" in wait, wait
+    # Once cuda:1 has room, it waits for the cooldown, and says so; then it goes home.
+    moves, state = evaluate([gpu(0, 20, held_gib=2), gpu(1, 10)], holdings, state, 1001.0, MARKS, POLICY)
+    assert moves == [] and "cooldown" in (state.waiting_for("m") or ""), state
+    moves, state = evaluate([gpu(0, 20, held_gib=2), gpu(1, 10)], holdings, state, 1032.0, MARKS, POLICY)
+    assert names(moves) == [("m", "cuda:0", "cuda:1")] and state.waiting_for("m") is None
