@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from devmapd import planner
 from devmapd.config import Config
-from devmapd.daemon.registry import Registry
+from devmapd.daemon.holdings import Holdings
+from devmapd.daemon.registry import ModelRecord, Registry
 from devmapd.devices import InventoryBackend, Snapshot, open_backend
 
 log = logging.getLogger("devmapd")
@@ -39,6 +40,8 @@ class Capacity(Protocol):
     def lost_gpus(self) -> dict[str, str]: ...
     def cuda_index_of(self, device_id: str) -> int | None: ...
     def holdings_changed(self) -> None: ...
+    def occupied_by_others(self, rec: ModelRecord) -> dict[str, int]: ...
+    def recount(self, rec: ModelRecord) -> None: ...
 
 
 class Inventory:
@@ -47,6 +50,8 @@ class Inventory:
     def __init__(self, registry: Registry, config: Callable[[], Config]) -> None:
         self._registry = registry
         self._config = config  # a getter: the config changes on SIGHUP
+        # Per-device sums kept as records change: no load or poll re-sums every model.
+        self.holdings = Holdings(registry)
         self.backend: InventoryBackend | None = None
         self.snapshot: Snapshot | None = None
 
@@ -100,11 +105,15 @@ class Inventory:
 
     def held(self) -> dict[str, int]:
         """Bytes devmapd's serving versions occupy per device (what the hardware sees)."""
-        held: dict[str, int] = {}
-        for rec in self._registry.records():
-            for device, nbytes in rec.placement.items():
-                held[device] = held.get(device, 0) + nbytes
-        return held
+        return self.holdings.held()
+
+    def occupied_by_others(self, rec: ModelRecord) -> dict[str, int]:
+        """What every other model holds or is being loaded onto, per device (O(devices))."""
+        return self.holdings.occupied_by_others(rec)
+
+    def recount(self, rec: ModelRecord) -> None:
+        """``rec``'s placement or planned bytes changed without an event: count them now."""
+        self.holdings.update(rec)
 
     def capacities(self) -> tuple[list[planner.DeviceCapacity], planner.DeviceCapacity]:
         snap = self.snapshot

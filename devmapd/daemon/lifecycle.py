@@ -44,6 +44,7 @@ from devmapd.config import load as load_config
 from devmapd.daemon import handoff, names, statedir
 from devmapd.daemon.actions import Actions
 from devmapd.daemon.fdbudget import FdBudget, raise_soft_limit
+from devmapd.daemon.inspection_cache import InspectionCache
 from devmapd.daemon.inventory import Inventory
 from devmapd.daemon.loading import LoadQueue
 from devmapd.daemon.pressurectl import PressureController
@@ -59,6 +60,7 @@ from devmapd.textfmt import placement_text
 log = logging.getLogger("devmapd")
 
 SHUTDOWN_TIMEOUT_S = 10.0
+METRICS_EVERY_S = 2.0  # the textfile at most this often: rendering 1,000 models every poll is waste
 RECENT_DECISIONS = 200
 
 
@@ -88,18 +90,21 @@ class Daemon:
         self.registry = Registry()
         self.fds = FdBudget()
         self.inventory = Inventory(self.registry, config)
-        self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
-                               metrics=self.metrics, fds=self.fds)
-        # Where pins and remaps live: the config's state_dir, systemd's StateDirectory, else one
-        # directory per model directory (resolved once: a reload does not move the state).
+        # Where pins, remaps and learned parses live: the config's state_dir, systemd's StateDirectory,
+        # else one directory per model directory (resolved once: a reload does not move the state).
         self.state_dir = statedir.resolve(cfg.state_dir, self.model_dir)
+        # What parsing each model learned, kept across restarts (scoped by the allowed globals).
+        self.inspections = InspectionCache(self.state_dir.path, scope=lambda: tuple(self.cfg.safety.allowed_globals))
+        self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
+                               metrics=self.metrics, fds=self.fds, inspections=self.inspections)
         self.actions = Actions(self.registry, self.loads, self.inventory, config, state_dir=self.state_dir.path)
         self.pressure = PressureController(self.registry, self.inventory, self.loads, config,
                                            on_demote=self.metrics.count_demotion)
         self.view = StatusView(self.registry, self.inventory, config, self.model_dir, watcher=lambda: self.watcher,
                                extra=lambda: {"fds": self.fds.status(), "state_dir": {
                                    "path": str(self.state_dir.path), "source": self.state_dir.source,
-                                   "why": self.state_dir.describe()}})
+                                   "why": self.state_dir.describe()},
+                                   "inspection_cache": self.inspections.stats()})
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
@@ -112,6 +117,7 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._signals = 0
+        self._metrics_written = -METRICS_EVERY_S
         self.registry.listen(self._fan_out)
 
     # ------------------------------------------------------------------ lifecycle
@@ -247,6 +253,7 @@ class Daemon:
                 rec.serving = None
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        await asyncio.to_thread(self.inspections.close, 3.0)  # write the parses still queued
         self.inventory.close()
 
     def request_stop(self) -> None:
@@ -354,6 +361,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return self.view.status()
 
+    def status_json(self) -> bytes:
+        """The status reply's JSON with each model's cached bytes spliced in (see StatusView)."""
+        return self.view.status_json()
+
     def model_detail(self, name: str) -> dict[str, Any]:
         return self.view.model_detail(name)
 
@@ -455,6 +466,10 @@ class Daemon:
     def _write_metrics(self) -> None:
         if self.metrics is None or not self.cfg.metrics.textfile:
             return
+        now = time.monotonic()
+        if now - self._metrics_written < METRICS_EVERY_S:
+            return
+        self._metrics_written = now
         from devmapd.service.metrics import write_textfile
 
         try:

@@ -23,6 +23,7 @@ from typing import Any
 
 from devmapd.engine import checkpoint, sidefiles
 from devmapd.engine.arena import Manifest, SealedSegment
+from devmapd.engine.learned import read_learned
 from devmapd.wire.protocol import encode_manifest
 
 log = logging.getLogger("devmapd.daemon.loader")
@@ -136,6 +137,7 @@ def load_version(
     cuda_index_of: Callable[[str], int | None],
     keep_host_copy: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    learned: Any = None,
 ) -> ServedVersion:
     """Read ``source`` into a new :class:`ServedVersion` (blocking; run in a worker thread).
 
@@ -146,7 +148,10 @@ def load_version(
     """
     started = time.perf_counter()
     side_files_json = read_side_files_json(source, options)   # before any segment exists to release
-    loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
+    if learned is not None:   # what the inspection parsed: no second unpickle, memfds filled in parallel
+        loaded = read_learned(learned, options, device_of=device_of, progress=progress, source=source)
+    else:
+        loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
     segments: list[SealedSegment | None] = list(loaded.segments)
     infos = list(loaded.manifest.segments)
     gpu_segments: dict[int, Any] = {}

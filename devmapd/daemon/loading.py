@@ -36,10 +36,12 @@ from typing import Any, Protocol
 from devmapd import planner
 from devmapd.config import Config
 from devmapd.daemon import handoff
+from devmapd.daemon.inspection_cache import InspectionCache
 from devmapd.daemon.inventory import Capacity
 from devmapd.daemon.loader import ServedVersion, UploadError, load_version
 from devmapd.daemon.registry import ModelRecord, Registry, TransitionError
 from devmapd.engine import checkpoint
+from devmapd.engine.learned import Learned, learn
 from devmapd.textfmt import placement_text
 
 log = logging.getLogger("devmapd")
@@ -57,8 +59,12 @@ class LoadQueue:
     """Queueing, placing and reading models (see the module docstring)."""
 
     def __init__(self, registry: Registry, capacity: Capacity, config: Callable[[], Config], model_dir: Path, *,
-                 notifier: Any = None, metrics: Any = None, fds: FdGuard | None = None) -> None:
+                 notifier: Any = None, metrics: Any = None, fds: FdGuard | None = None,
+                 inspections: InspectionCache | None = None) -> None:
         self._registry = registry
+        # The parse of each model, kept across restarts when a state directory is usable.
+        self._learn: Callable[[Any, checkpoint.ReadOptions], Learned] = (
+            inspections.obtain if inspections is not None else learn)
         self._capacity = capacity
         self._config = config  # a getter: the config changes on SIGHUP
         self._model_dir = model_dir
@@ -163,6 +169,7 @@ class LoadQueue:
             finally:
                 self._loading.discard(name)
                 rec.planned = {}
+                self._capacity.recount(rec)
                 self._forced.pop(name, None)
                 if name in self._rerun and self._registry.get(name) is rec:
                     self._rerun.discard(name)
@@ -207,8 +214,10 @@ class LoadQueue:
             if name not in self._short_of_fds:
                 self._short_of_fds.append(name)
             return
-        insp = await asyncio.to_thread(checkpoint.inspect, rec.source or rec.path, root=str(self._model_dir),
-                                       options=self._read_options(rec))
+        # One parse: what it learns (or what a previous run learned of the same files) is what
+        # the read below uses; it never unpickles the file a second time.
+        learned = await asyncio.to_thread(self._learn, rec.source or rec.path, self._read_options(rec))
+        insp = learned.inspection
         if not self._still_wanted(rec, attempt):
             return  # evicted or removed while we inspected
         if insp.diagnosis is not None:
@@ -229,6 +238,7 @@ class LoadQueue:
                                           reason=placement.reason, progress=None)
             return
         rec.planned = dict(placement.devices)
+        self._capacity.recount(rec)
         generation = next(self._generation)
         loop = asyncio.get_running_loop()
         last = [0.0]
@@ -244,7 +254,8 @@ class LoadQueue:
         def read(where: planner.Placement) -> ServedVersion:
             return load_version(rec.source, generation, self._read_options(rec), device_of=self._device_of(where),
                                 cuda_index_of=self._capacity.cuda_index_of,
-                                keep_host_copy=self._config().placement.keep_host_copy, progress=progress)
+                                keep_host_copy=self._config().placement.keep_host_copy, progress=progress,
+                                learned=learned)
 
         try:
             try:
@@ -312,6 +323,7 @@ class LoadQueue:
         rec.stored = []
         rec.placement = {}
         self._forced.pop(rec.name, None)
+        self._capacity.recount(rec)   # counts the emptied placement at once
         self._capacity.holdings_changed()
         if freed:
             self._retry_short_of_fds(freed)
@@ -375,11 +387,7 @@ class LoadQueue:
                     for g in gpus]
         # Every other model stays where it is, so the planner only needs what they occupy per
         # device: one stand-in per device keeps each placement O(devices), not O(models).
-        occupied: dict[str, int] = {}
-        for other in self._registry.records():
-            if other is not rec:
-                for device, nbytes in self._occupied_by(other).items():
-                    occupied[device] = occupied.get(device, 0) + nbytes
+        occupied = self._capacity.occupied_by_others(rec)
         demands = [self._demand(rec, insp)]
         demands += [planner.ModelDemand(name=f"\0occupied {device}", bytes=nbytes, current=((device, nbytes),),
                                         pin=device)

@@ -111,6 +111,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._records: dict[str, ModelRecord] = {}
+        self._sorted: list[ModelRecord] | None = None  # records() in name order, rebuilt after add/remove
         self._listeners: list[Listener] = []
 
     # -- reading -----------------------------------------------------------
@@ -124,7 +125,13 @@ class Registry:
         return len(self._records)
 
     def records(self) -> list[ModelRecord]:
-        return [self._records[name] for name in sorted(self._records)]
+        """Every record in name order (a copy: callers may change the registry while iterating).
+
+        The order is kept between calls and rebuilt only after a model comes or goes, so the
+        many callers per load and per poll do not sort 1,000 names each time."""
+        if self._sorted is None:
+            self._sorted = [self._records[name] for name in sorted(self._records)]
+        return list(self._sorted)
 
     def counts(self) -> dict[str, int]:
         out = {state: 0 for state in STATES}
@@ -159,12 +166,14 @@ class Registry:
     # -- writing -----------------------------------------------------------
     def add(self, rec: ModelRecord) -> ModelRecord:
         self._records[rec.name] = rec
+        self._sorted = None
         self.changed(rec, f"{rec.name}: registered ({rec.path})")
         return rec
 
     def remove(self, name: str, message: str) -> ModelRecord | None:
         rec = self._records.pop(name, None)
         if rec is not None:
+            self._sorted = None
             self.emit({"type": "removed", "name": name, "message": message})
         return rec
 

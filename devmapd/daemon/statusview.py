@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from devmapd._version import __version__
 from devmapd.config import Config
-from devmapd.daemon.registry import Registry
+from devmapd.daemon.registry import STATES, Registry
+from devmapd.daemon.statuscache import StatusCache
 from devmapd.devices import Snapshot
 from devmapd.engine import checkpoint
 from devmapd.wire.protocol import ApiError
@@ -40,10 +41,20 @@ class StatusView:
         self._model_dir = model_dir
         self._watcher = watcher  # a getter: the watcher starts after the server
         self._extra = extra  # more keys for the "daemon" section (resource use)
+        # Each model's status dict as its last event built it: status costs O(changes), not O(models).
+        self._models = StatusCache(registry)
         self.started_at = time.time()
         self.host = socketlib.gethostname()
 
     def status(self) -> dict[str, Any]:
+        return {**self.status_head(), "models": self._models.models()}
+
+    def status_json(self) -> bytes:
+        """``status()`` as JSON, each model's part encoded once per change and spliced in."""
+        return self._models.status_json(self.status_head())
+
+    def status_head(self) -> dict[str, Any]:
+        """The daemon and devices sections of the status (small, built per call)."""
         snap = self._devices.snapshot
         watcher = self._watcher()
         daemon = {
@@ -61,10 +72,11 @@ class StatusView:
         }
         if self._extra is not None:
             daemon.update(self._extra())
+        # Start-up progress at a glance (kept as models change, not counted per call).
+        daemon["models_by_state"] = {state: 0 for state in STATES} | self._models.counts()
         return {
             "daemon": daemon,
             "devices": self._devices.device_status(),
-            "models": [rec.to_status() for rec in self._registry.records()],
         }
 
     def model_detail(self, name: str) -> dict[str, Any]:
@@ -78,7 +90,8 @@ class StatusView:
         return detail
 
     def summary(self) -> str:
-        counts = self._registry.counts()
+        counts = {state: 0 for state in STATES}
+        counts.update(self._models.counts())
         snap = self._devices.snapshot
         gpus = len(snap.gpus) if snap else 0
         parts = [f"{counts['ready']} models ready"]
