@@ -42,7 +42,10 @@ def inspection_from_facts(facts: dict[str, Any]) -> Inspection:
 
 def storable(version: ServedVersion) -> bool:
     """A version can be parked when every segment it serves is a host memfd."""
-    return all(seg is not None for seg in version.segments) and not version.gpu_segments
+    # A version sharing storages (engine.dedup) is not: its segments are the store's and move on
+    # compaction, so a parked copy would keep old segments alive; it is read (and shared) again.
+    return all(seg is not None for seg in version.segments) and not version.gpu_segments \
+        and getattr(version, "shared", None) is None
 
 
 def park(notifier: Any, name: str, version: ServedVersion) -> list[str]:

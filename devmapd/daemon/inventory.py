@@ -54,6 +54,7 @@ class Inventory:
         self.holdings = Holdings(registry)
         self.backend: InventoryBackend | None = None
         self.snapshot: Snapshot | None = None
+        self.storages: Any = None  # engine.dedup.StorageStore when served versions share storages
 
     # ------------------------------------------------------------------ backend
     async def open(self) -> None:
@@ -105,7 +106,14 @@ class Inventory:
 
     def held(self) -> dict[str, int]:
         """Bytes devmapd's serving versions occupy per device (what the hardware sees)."""
-        return self.holdings.held()
+        held = self.holdings.held()
+        if self.storages is not None:
+            shared = [rec.serving.generation for rec in self._registry.records()
+                      if rec.serving is not None and getattr(rec.serving, "shared", None) is self.storages]
+            # Storages several served versions share are in each one's placement: count them once.
+            for device, nbytes in self.storages.savings(shared).items():
+                held[device] = held.get(device, 0) - nbytes
+        return held
 
     def occupied_by_others(self, rec: ModelRecord) -> dict[str, int]:
         """What every other model holds or is being loaded onto, per device (O(devices))."""

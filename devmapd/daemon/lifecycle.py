@@ -90,13 +90,20 @@ class Daemon:
         self.registry = Registry()
         self.fds = FdBudget()
         self.inventory = Inventory(self.registry, config)
+        # Storages shared by content across served versions (engine.dedup), when configured.
+        self.storages: Any = None
+        if getattr(cfg.placement, "share_storages", False):
+            from devmapd.engine.dedup import StorageStore
+            self.storages = StorageStore()
+        self.inventory.storages = self.storages
         # Where pins, remaps and learned parses live: the config's state_dir, systemd's StateDirectory,
         # else one directory per model directory (resolved once: a reload does not move the state).
         self.state_dir = statedir.resolve(cfg.state_dir, self.model_dir)
         # What parsing each model learned, kept across restarts (scoped by the allowed globals).
         self.inspections = InspectionCache(self.state_dir.path, scope=lambda: tuple(self.cfg.safety.allowed_globals))
         self.loads = LoadQueue(self.registry, self.inventory, config, self.model_dir, notifier=self.notifier,
-                               metrics=self.metrics, fds=self.fds, inspections=self.inspections)
+                               metrics=self.metrics, fds=self.fds, inspections=self.inspections,
+                               store=self.storages)
         self.actions = Actions(self.registry, self.loads, self.inventory, config, state_dir=self.state_dir.path)
         self.pressure = PressureController(self.registry, self.inventory, self.loads, config,
                                            on_demote=self.metrics.count_demotion)
@@ -104,7 +111,7 @@ class Daemon:
                                extra=lambda: {"fds": self.fds.status(), "state_dir": {
                                    "path": str(self.state_dir.path), "source": self.state_dir.source,
                                    "why": self.state_dir.describe()},
-                                   "inspection_cache": self.inspections.stats()})
+                                   "inspection_cache": self.inspections.stats(), **self._sharing_status()})
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, str] = {}  # lease id -> model name (ModelRecord.leases: id -> generation)
         self._subscribers: list[asyncio.Queue] = []
@@ -251,6 +258,8 @@ class Daemon:
             if rec.serving is not None:
                 rec.serving.close()
                 rec.serving = None
+        if self.storages is not None:
+            self.storages.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         await asyncio.to_thread(self.inspections.close, 3.0)  # write the parses still queued
@@ -360,6 +369,14 @@ class Daemon:
     # ------------------------------------------------------------------ DaemonAPI: status, action
     def status(self) -> dict[str, Any]:
         return self.view.status()
+
+    def _sharing_status(self) -> dict[str, Any]:
+        """``daemon.sharing`` when storages are shared: per device the unique bytes held, per
+        model its own and shared bytes and with which models (cached until the next change)."""
+        if self.storages is None:
+            return {}
+        names = {rec.serving.generation: rec.name for rec in self.registry.records() if rec.serving is not None}
+        return {"sharing": self.storages.report(names.get)}
 
     def status_json(self) -> bytes:
         """The status reply's JSON with each model's cached bytes spliced in (see StatusView)."""

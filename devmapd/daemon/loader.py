@@ -56,10 +56,26 @@ class ServedVersion:
     # A Hugging Face directory's config.json / generation_config.json, parsed and encoded once:
     # shipped with every fetch so a client builds the model without reading the model dir.
     side_files_json: bytes | None = None
+    shared: Any = None  # the engine.dedup.StorageStore that owns the segments (owner: generation), or None
+    layout: int = 0  # the store's layout of those storages that manifest and segments reflect
 
     @property
     def fds(self) -> list[int | None]:
         return [seg.fd if seg is not None else None for seg in self.segments]
+
+    def refresh(self) -> bool:
+        """Take the manifest and segments the store rebuilt when compaction moved storages that
+        this version shares; True if they changed. Call on the event loop before the store reaps."""
+        store = self.shared
+        if store is None:
+            return False
+        with store.lock:
+            holding = store.holding(self.generation)
+            if holding is None or holding.layout == self.layout:
+                return False
+            self.manifest, self.segments, self.layout = holding.manifest, list(holding.segments), holding.layout
+        self.manifest_json = encode_manifest(self.manifest)
+        return True
 
     def manifest_for_client(self) -> Manifest:
         """The manifest one fetch sends: GPU segments get a fresh CUDA IPC export each.
@@ -91,6 +107,13 @@ class ServedVersion:
         only when the last one lets go; a CUDA block exported over IPC stays alive
         in torch's IPC limbo until every importer has released it.
         """
+        if self.shared is not None:
+            # The store owns the segments: release this version's storages; those another
+            # version shares stay, the rest go (their segments close at the store's reap).
+            store, self.shared = self.shared, None
+            store.release(self.generation)
+            self.segments = [None] * len(self.segments)
+            return
         for seg in self.segments:
             if seg is not None:
                 seg.close()
@@ -98,6 +121,28 @@ class ServedVersion:
         for gpu in self.gpu_segments.values():
             gpu.release()
         self.gpu_segments.clear()
+
+
+def _shared_version(store: Any, loaded: Any, generation: int, started: float,
+                    side_files_json: bytes | None) -> ServedVersion | None:
+    """A version whose storages live in ``store`` (engine.dedup): those other versions already
+    hold on the same device are shared, the rest kept. Placement is what the model serves per
+    device; what the device really holds is the store's to say (Inventory.held subtracts it).
+    None when the store cannot take it now (no memory to map it): it is then served unshared."""
+    from devmapd.engine.dedup import DedupError
+
+    try:
+        holding = store.adopt(generation, loaded.manifest, loaded.segments)
+    except (DedupError, OSError) as exc:  # adopt took nothing: the read is still ours to serve
+        log.warning("generation %d served without sharing its storages: %s", generation, exc)
+        return None
+    with store.lock:
+        manifest, segments, layout = holding.manifest, list(holding.segments), holding.layout
+        placement = holding.placement()
+    return ServedVersion(generation=generation, manifest=manifest, segments=segments, placement=placement,
+                         fingerprint=loaded.fingerprint, load_time_s=time.perf_counter() - started,
+                         inspection=loaded.inspection, manifest_json=encode_manifest(manifest),
+                         side_files_json=side_files_json, shared=store, layout=layout)
 
 
 def placement_of(manifest: Manifest) -> dict[str, int]:
@@ -138,6 +183,7 @@ def load_version(
     keep_host_copy: bool = False,
     progress: Callable[[int, int], None] | None = None,
     learned: Any = None,
+    store: Any = None,
 ) -> ServedVersion:
     """Read ``source`` into a new :class:`ServedVersion` (blocking; run in a worker thread).
 
@@ -152,6 +198,10 @@ def load_version(
         loaded = read_learned(learned, options, device_of=device_of, progress=progress, source=source)
     else:
         loaded = checkpoint.read(source, options, device_of=device_of, progress=progress)
+    if store is not None and all(cuda_index_of(info.device) is None for info in loaded.manifest.segments):
+        shared = _shared_version(store, loaded, generation, started, side_files_json)
+        if shared is not None:
+            return shared
     segments: list[SealedSegment | None] = list(loaded.segments)
     infos = list(loaded.manifest.segments)
     gpu_segments: dict[int, Any] = {}

@@ -60,7 +60,7 @@ class LoadQueue:
 
     def __init__(self, registry: Registry, capacity: Capacity, config: Callable[[], Config], model_dir: Path, *,
                  notifier: Any = None, metrics: Any = None, fds: FdGuard | None = None,
-                 inspections: InspectionCache | None = None) -> None:
+                 inspections: InspectionCache | None = None, store: Any = None) -> None:
         self._registry = registry
         # The parse of each model, kept across restarts when a state directory is usable.
         self._learn: Callable[[Any, checkpoint.ReadOptions], Learned] = (
@@ -71,6 +71,7 @@ class LoadQueue:
         self._notifier = notifier  # systemd's fd store keeps each served version across restarts
         self._metrics = metrics
         self._fds = fds  # a load needs fds (file, memfds): refused while too few are left
+        self._store = store  # engine.dedup.StorageStore: CPU/simulated storages shared by content, or None
         self._heap: asyncio.PriorityQueue[tuple[tuple, str]] = asyncio.PriorityQueue()
         self._queued: set[str] = set()  # names in the heap (each at most once)
         self._pending: dict[str, asyncio.Event] = {}  # name -> set when its current load attempt ends
@@ -255,7 +256,7 @@ class LoadQueue:
             return load_version(rec.source, generation, self._read_options(rec), device_of=self._device_of(where),
                                 cuda_index_of=self._capacity.cuda_index_of,
                                 keep_host_copy=self._config().placement.keep_host_copy, progress=progress,
-                                learned=learned)
+                                learned=learned, store=self._store)
 
         try:
             try:
@@ -287,6 +288,7 @@ class LoadQueue:
         """Make ``version`` the one clients get; retire the previous one."""
         name = rec.name
         old = rec.serving
+        version.refresh()  # a release while it was read may have moved storages it shares
         rec.serving = version
         rec.generation = version.generation
         rec.fingerprint = version.fingerprint or rec.fingerprint
@@ -307,9 +309,27 @@ class LoadQueue:
         self._capacity.holdings_changed()
 
     def retire(self, version: ServedVersion) -> None:
+        store = version.shared
         if version.gpu_segments:
             self.gpu_released = True  # poll loop collects CUDA IPC blocks once importers let go
         version.close()
+        if store is not None:
+            self.storages_released(store)
+
+    def storages_released(self, store: Any) -> None:
+        """After a release every serving version takes the manifest the store rebuilt for it (a
+        compaction moved storages it shares), then the segments nobody serves from are closed.
+        On the event loop, so no fetch sits between reading a version's fds and duplicating
+        them (the server dups them before its first await)."""
+        for rec in self._registry.records():
+            if rec.serving is not None and rec.serving.shared is store:
+                rec.serving.refresh()
+        # Closing a segment frees its pages (milliseconds per hundred MiB): off the event loop.
+        # Nothing serves from a retired segment any more, so no fetch can be reading its fd.
+        try:
+            asyncio.get_running_loop().run_in_executor(None, store.reap)
+        except RuntimeError:  # no loop (shutdown, tests): close them here
+            store.reap()
 
     def drop_version(self, rec: ModelRecord) -> None:
         """Forget ``rec``'s memory (evict, delete): cancel its load, close its version, unpark it."""

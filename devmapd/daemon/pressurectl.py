@@ -74,7 +74,10 @@ class PressureController:
         for rec in self._registry.records():
             if rec.state != "ready" or rec.serving is None:
                 continue
+            store = getattr(rec.serving, "shared", None)
             for device, nbytes in rec.placement.items():
+                if store is not None:  # demoting a model frees only the storages nobody else uses
+                    nbytes = store.exclusive_bytes(rec.serving.generation, device)
                 holdings.append(pressure.Holding(name=rec.name, device=device, bytes=nbytes,
                                                  # never fetched = least recently fetched (ties go biggest-first)
                                                  last_fetch=rec.last_fetch or 0.0,
