@@ -406,7 +406,9 @@ def run(args: argparse.Namespace) -> int:
     daemon = DemoDaemon(workdir)
     state_path = state_file_path()
     old_handlers = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps it
+    # ignored, but the demo promises that Ctrl-C (or kill -INT) stops it and cleans up.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             old_handlers[sig] = signal.signal(sig, _raise_interrupt)
         except (ValueError, OSError):   # not the main thread: the caller handles signals

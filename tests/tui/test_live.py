@@ -221,6 +221,9 @@ async def test_non_operator_sees_actions_disabled_with_the_reason(shared_daemon)
 
     handle = shared_daemon
     await in_thread(handle.wait_model, "big")
+    # Every model settled first: a load still running would change states by itself.
+    await in_thread(handle.wait_for, lambda st: all(m["state"] not in ("queued", "loading") for m in st["models"]),
+                    120, "every model settled")
     before = {m["name"]: (m["pinned"], m["state"]) for m in (await in_thread(handle.status))["models"]}
     probe = Path(__file__).with_name("readonly_probe.py")
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
