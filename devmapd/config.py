@@ -62,6 +62,7 @@ class PlacementConfig:
     preload_order: str = "bigger-first"
     load_workers: int = 2
     keep_host_copy: bool = False
+    share_storages: bool = False   # one copy per device of storages several models hold (engine/dedup.py)
 
 
 @dataclass(frozen=True)
