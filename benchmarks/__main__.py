@@ -15,14 +15,14 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import coldload, fetch, idle, memory, ready, scale, watch
+from benchmarks import coldload, dedup, fetch, idle, memory, ready, scale, watch
 from benchmarks.common import ROOT, ctx
 from benchmarks.env import Env
 from benchmarks.profiles import PROFILES
 from benchmarks.report import Row, machine, now, text_table, write_json, write_markdown
 
 SECTIONS = {"fetch": fetch.run, "ready": ready.run, "memory": memory.run, "coldload": coldload.run,
-            "watch": watch.run, "idle": idle.run, "scale": scale.run}
+            "watch": watch.run, "idle": idle.run, "scale": scale.run, "dedup": dedup.run}
 NEEDS_SERVE = {"fetch", "ready", "memory", "coldload", "watch"}   # use the shared sample models / daemon
 
 
