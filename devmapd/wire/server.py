@@ -618,6 +618,13 @@ class _Conn:
             if op == "subscribe":
                 await self._subscribe(rid)
                 return
+            status_json = getattr(self.srv.api, "status_json", None) if op == "status" else None
+            if status_json is not None:
+                # The daemon keeps each model's JSON encoded until it changes: splice it in
+                # rather than re-encode every model on every status call.
+                body = b"".join((b'{"id":', P._dumps(rid).encode(), b',"ok":true,"result":', status_json(), b"}"))
+                await self._send_bytes(P.HEADER.pack(len(body)) + body, [], self.srv.write_timeout_s)
+                return
             result = await self._simple(op, args)
         except ApiError as e:
             await self.send(P.error_reply(rid, e.code, e.message))
