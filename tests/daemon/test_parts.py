@@ -379,3 +379,26 @@ def test_models_leave_a_lost_gpu_for_wherever_the_planner_finds_room() -> None:
     mover = Mover(registry)
     _controller(registry, gpus, mover, [0.0]).poll()
     assert mover.moves == [("a", "", "demoted from cuda:0: cuda:0 was lost (fell off the bus)")]
+
+
+def test_fd_budget_recounts_only_when_stale_or_near_the_limit(monkeypatch) -> None:
+    from devmapd.daemon import fdbudget
+
+    counts = iter([100, 100, 980, 980])
+    listed: list[int] = []
+
+    def fake_open(limit: int) -> int:
+        listed.append(limit)
+        return next(counts)
+
+    now = [0.0]
+    budget = fdbudget.FdBudget(reserve_min=64, reserve_fraction=0.0, clock=lambda: now[0])
+    monkeypatch.setattr(fdbudget, "current_limit", lambda: 1024)
+    monkeypatch.setattr(budget, "open_fds", fake_open)
+    assert budget.refusal("a") is None and len(listed) == 1
+    assert budget.refusal("b") is None and len(listed) == 1        # fresh and far from the limit: reused
+    now[0] = 1.5
+    assert budget.refusal("c") is None and len(listed) == 2        # stale: listed again
+    now[0] = 2.6
+    assert budget.refusal("d") is not None and len(listed) == 3    # 980 of 1024: under the reserve
+    assert budget.refusal("e") is not None and len(listed) == 4    # near the limit: always listed
