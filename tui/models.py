@@ -6,12 +6,13 @@ kept as the plain dicts the daemon sends so a field the daemon adds later is nev
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from devmapd.textfmt import safe as _safe_line
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -25,41 +26,16 @@ HISTORY_INTERVAL_S = 5.0     # one sparkline sample per 5 s: 12 cells show the l
 STATE_ORDER = {"failed": 0, "loading": 1, "queued": 2, "ready": 3, "evicted": 4}
 
 
-# What a terminal may act on: C0 and C1 controls and DEL, the Unicode line and paragraph
-# separators, the bidirectional overrides and isolates (they reorder what is shown), and lone
-# surrogates (undecodable bytes of a file name). Rich strips only a few of these (BEL, CR); ESC
-# would reach the operator's terminal and a newline would forge a second table row or log line.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                     "\u2066-\u2069\ud800-\udfff]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(match: re.Match[str]) -> str:
-    c = match.group()
-    named = _NAMED.get(c)
-    if named is not None:
-        return named
-    o = ord(c)
-    if 0xDC80 <= o <= 0xDCFF:      # a byte that was not UTF-8, carried by surrogateescape
-        return f"\\x{o - 0xDC00:02x}"
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
-
-
 def safe(value: Any) -> str:
-    """`value` as one printable line: every control character escaped ('a\\nb' reads as the
-    four characters a, backslash, n, b; ESC as '\\x1b'). Ordinary Unicode is kept as is.
-
-    Every string that came from the daemon (a model name is a file name, a message may quote
-    one) goes through this before it is shown; Rich markup is never parsed from such a string
-    because the widgets build `Text` objects, which take their content literally.
+    """`value` as one printable line (devmapd.textfmt.safe: every control character escaped,
+    ordinary Unicode kept), and "" for None. Every string that came from the daemon (a model name
+    is a file name, a message may quote one) goes through this before it is shown; Rich markup is
+    never parsed from such a string because the widgets build `Text` objects.
 
     >>> safe("evil\\n\\x1b[31mname\\x07")
     'evil\\\\n\\\\x1b[31mname\\\\x07'
     """
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else str(value)
-    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
+    return "" if value is None else _safe_line(value)
 
 
 def human_bytes(n: int | float | None, *, short: bool = False) -> str:
