@@ -387,8 +387,8 @@ def read_learned(learned: Learned, options: ReadOptions = _DEFAULT_OPTIONS, *,
     except BaseException as e:
         for b in builders:
             b.discard()
-        for s in sealed:
-            s.close()
+        for seg in sealed:
+            seg.close()
         if not isinstance(e, Exception):
             raise
         for f in opened:
