@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -56,6 +56,9 @@ from devmapd.engine.formats.common import (
 )
 from devmapd.engine.formats.detect import HEAD_BYTES, detect
 from devmapd.engine.gcpause import gc_paused
+
+if TYPE_CHECKING:   # at run time the arena is imported only to read (see read)
+    from devmapd.engine.arena import SealedSegment
 
 __all__ = ["Diagnosis", "CheckpointError", "Inspection", "ReadOptions", "LoadedModel", "inspect",
            "read", "summary", "diagnose_exception", "FORMATS", "side_file_json", "MAX_SIDE_FILE_BYTES"]
@@ -85,7 +88,7 @@ class Inspection:
     def ok(self) -> bool:
         return self.diagnosis is None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The keys of ``devmapd inspect --json``."""
         return {
             "path": self.path, "format": self.format, "tensors": self.tensors, "bytes": self.bytes,
@@ -129,10 +132,10 @@ class ReadOptions:
 @dataclass
 class LoadedModel:
     manifest: Any                     # arena.Manifest
-    segments: list                    # arena.SealedSegment, same order as manifest.segments
+    segments: list[SealedSegment]     # same order as manifest.segments
     inspection: Inspection
     load_time_s: float
-    fingerprint: tuple                # ((name, size, mtime_ns, ino), ...) as names.fingerprint, as read
+    fingerprint: tuple[tuple[str, int, int, int], ...]   # (name, size, mtime_ns, ino) as names.fingerprint, as read
 
     def close(self) -> None:
         for s in self.segments:
@@ -146,15 +149,22 @@ class _Guess:
     format = "unknown"
 
 
+class _ParseCaps(TypedDict):
+    """The keyword arguments every format's ``parse`` takes."""
+    max_header_bytes: int
+    max_tensors: int
+    locate: bool
+
+
 def _source_path(source: Any) -> str:
-    p = getattr(source, "path", source)   # names.ModelSource or a path
+    p: str | os.PathLike[str] = getattr(source, "path", source)   # names.ModelSource or a path
     return os.fspath(p)
 
 
 def _parse_file(f: OpenedFile, opts: ReadOptions, locate: bool, guess: _Guess) -> Parsed:
     head = f.pread(HEAD_BYTES, 0)
     kind, what = detect(head, f.size)
-    caps = dict(max_header_bytes=opts.max_header_bytes, max_tensors=opts.max_tensors, locate=locate)
+    caps = _ParseCaps(max_header_bytes=opts.max_header_bytes, max_tensors=opts.max_tensors, locate=locate)
     if kind == "empty":
         raise diagnose.empty(f.path)
     if kind == "zip":
@@ -455,8 +465,15 @@ def _check_memory(path: str, need: int, limit: int | None) -> None:
         raise diagnose.out_of_memory(path, need, avail, "host memory (MemAvailable)")
 
 
+def _located(rec: StorageRec) -> int:
+    """Where a storage's data starts in its file: set for every storage of a parse made to read."""
+    assert rec.offset is not None, "read() parses with locate=True, which sets every offset"
+    return rec.offset
+
+
 def _copy_storage(p: _Placed, f: OpenedFile, builder: Any) -> None:
     rec = p.storage.rec
+    assert rec.offset is not None, "read() parses with locate=True, which sets every offset"
     if p.out_dtype == rec.dtype:
         builder.copy_from_file(p.offset, f.fd, rec.offset, rec.nbytes)   # kernel copy, no Python bytes
         return
@@ -543,7 +560,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
             for b in builders:
                 sealed.append(b.seal())
 
-            entries = [None] * len(walked.tensors)
+            entries: list[arena.TensorEntry | None] = [None] * len(walked.tensors)
             for p in placed:
                 rec = p.storage.rec
                 for ti in p.storage.tensors:
@@ -585,7 +602,7 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
             f.close()
 
 
-def _fingerprint(path: str, parsed: Parsed) -> tuple:
+def _fingerprint(path: str, parsed: Parsed) -> tuple[tuple[str, int, int, int], ...]:
     """``((name, size, mtime_ns, ino), ...)`` sorted, in names.fingerprint's format, so the daemon can
     compare it with the watcher's. The weight files' entries are the fstat taken when we opened
     them (the version we actually read); an HF directory's other top-level files (config.json,
@@ -621,7 +638,7 @@ def _copy_all(parsed: Parsed, placed: list[_Placed], builders: list[Any], option
 
     def copy_file(fi: int) -> None:
         f = parsed.files[fi]
-        for p in sorted(per_file[fi], key=lambda p: p.storage.rec.offset):
+        for p in sorted(per_file[fi], key=lambda p: _located(p.storage.rec)):
             _copy_storage(p, f, builders[p.segment])
             if progress is not None:
                 with lock:
