@@ -29,6 +29,7 @@ JOBS ?= auto
 check: $(STAMP)
 	$(BIN)/ruff check -q .
 	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
