@@ -222,9 +222,10 @@ class LoadQueue:
         if not self._still_wanted(rec, attempt):
             return  # evicted or removed while we inspected
         if insp.diagnosis is not None:
+            rec.format_hint = insp.format if insp.format not in (None, "unknown") else None
             self._fail(rec, insp.diagnosis)
             return
-        rec.inspection = insp
+        rec.inspection, rec.format_hint = insp, None
         placement = self._place(rec, insp)
         if placement.kind == "deferred" and name in self._on_demand and insp.bytes < self._capacity.host_free():
             # "Beyond the host cap, models stay registered and load on first fetch": a fetch is waiting.

@@ -65,6 +65,9 @@ class ModelRecord:
     stored: list[str] = field(default_factory=list)  # FDNAMEs of the serving version in systemd's fd store
     attempt: int = 0  # bumped by each load attempt and by evict/delete: a stale attempt drops its result
     planned: dict[str, int] = field(default_factory=dict)  # device -> bytes an in-flight load will occupy
+    # The format a failed inspection still recognised ("torch-zip" for a truncated zip): status
+    # names it as `devmapd inspect` does, while `inspection` stays the last good one (or None).
+    format_hint: str | None = None
 
     @property
     def clients(self) -> int:
@@ -77,7 +80,7 @@ class ModelRecord:
         return {
             "name": self.name,
             "path": self.path,
-            "format": getattr(insp, "format", None),
+            "format": getattr(insp, "format", None) or self.format_hint,
             "state": self.state,
             "serving": self.serving is not None,
             "placement": dict(self.placement),

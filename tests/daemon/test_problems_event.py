@@ -44,3 +44,22 @@ def test_problems_are_published_as_they_change(tmp_path) -> None:
     finally:
         client.close()
         assert d.stop() == 0, d.log()[-3000:]
+
+
+def test_a_failed_model_names_the_format_inspect_recognised(tmp_path) -> None:
+    from devmapd.engine import checkpoint
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.ones(1000)}, whole)
+    data = whole.read_bytes()
+    (model_dir / "cut.pt").write_bytes(data[: len(data) // 3])
+    expected = checkpoint.inspect(model_dir / "cut.pt")
+    assert expected.diagnosis is not None and expected.format not in (None, "unknown"), expected
+    d = start_daemon(tmp_path, model_dir=model_dir)
+    try:
+        m = d.wait_model("cut", "failed")
+        assert m["format"] == expected.format, m
+    finally:
+        assert d.stop() == 0, d.log()[-3000:]
