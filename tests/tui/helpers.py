@@ -25,7 +25,7 @@ MIB = 1 << 20
 
 
 def serve_exists() -> bool:
-    """Whether the lead's `devmapd serve` is there (the TUI cannot be tested live without it)."""
+    """Whether `devmapd serve` is there (the TUI cannot be tested live without it)."""
     probe = subprocess.run([sys.executable, "-m", "devmapd", "serve", "--help"], cwd=str(ROOT),
                            capture_output=True, text=True, timeout=60)
     return probe.returncode == 0
