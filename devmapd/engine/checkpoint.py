@@ -579,27 +579,41 @@ def read(source: Any, options: ReadOptions = ReadOptions(), *,
             fingerprint = _fingerprint(path, parsed)
             return LoadedModel(manifest, sealed, inspection, time.monotonic() - t0, fingerprint)
     except BaseException as e:
-        for b in builders:
-            b.discard()
-        for s in sealed:
-            s.close()
+        abandon(builders, sealed)
         if not isinstance(e, Exception):
             raise
-        # A failure while reading (short read, "truncated", a bad pickle) is most often the file
-        # changing under us: say so when it did, whatever the symptom.
-        for f in opened:
-            if f.fd >= 0 and not f.unchanged():
-                raise diagnose.changed_during_read(f.path, f"{type(e).__name__}: {e}") from None
-        if isinstance(e, CheckpointError):
-            raise
-        if isinstance(e, tree.TreeError):
-            raise diagnose.unsupported(path, f"a checkpoint holding objects devmapd cannot serve ({e})",
-                                       "re-save only tensors in plain dicts, lists and tuples",
-                                       f"TreeError: {e}") from None
-        raise CheckpointError(diagnose_exception(e, path)) from None
+        raise read_failure(e, path, opened) from None
     finally:
         for f in opened:
             f.close()
+
+
+def abandon(builders: list[Any], sealed: list[Any]) -> None:
+    """Release what a failed read had built: unsealed arenas discarded, sealed segments closed."""
+    for b in builders:
+        b.discard()
+    for seg in sealed:
+        seg.close()
+
+
+def read_failure(e: Exception, path: str, opened: list[OpenedFile]) -> CheckpointError:
+    """The diagnosis of a read that failed with ``e`` (both readers: ``read`` and ``engine.learned``).
+
+    A failure while reading (short read, "truncated", a bad pickle) is most often the file
+    changing under us: say so when it did, whatever the symptom."""
+    for f in opened:
+        if f.fd >= 0 and not f.unchanged():
+            return diagnose.changed_during_read(f.path, f"{type(e).__name__}: {e}")
+    if isinstance(e, CheckpointError):
+        return e
+    if isinstance(e, tree.TreeError):
+        return diagnose.unsupported(path, f"a checkpoint holding objects devmapd cannot serve ({e})",
+                                    "re-save only tensors in plain dicts, lists and tuples", f"TreeError: {e}")
+    from devmapd.engine import arena  # loaded already by the read that failed (deferred for inspect)
+
+    if isinstance(e, arena.ArenaError) and "truncated" in str(e):
+        return diagnose.truncated(path, str(e))
+    return CheckpointError(diagnose_exception(e, path))
 
 
 def _fingerprint(path: str, parsed: Parsed) -> tuple[tuple[str, int, int, int], ...]:

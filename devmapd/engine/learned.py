@@ -385,20 +385,10 @@ def read_learned(learned: Learned, options: ReadOptions = _DEFAULT_OPTIONS, *,
         return LoadedModel(manifest, list(sealed), learned.inspection, time.monotonic() - t0,
                            learned.fingerprint)
     except BaseException as e:
-        for b in builders:
-            b.discard()
-        for seg in sealed:
-            seg.close()
+        checkpoint.abandon(builders, sealed)
         if not isinstance(e, Exception):
             raise
-        for f in opened:
-            if f.fd >= 0 and not f.unchanged():
-                raise diagnose.changed_during_read(f.path, f"{type(e).__name__}: {e}") from None
-        if isinstance(e, CheckpointError):
-            raise
-        if isinstance(e, arena.ArenaError) and "truncated" in str(e):
-            raise diagnose.truncated(path, str(e)) from None
-        raise CheckpointError(checkpoint.diagnose_exception(e, path)) from None
+        raise checkpoint.read_failure(e, path, opened) from None
     finally:
         for f in opened:
             f.close()
