@@ -90,6 +90,20 @@ def run_child(fn: Callable[..., Any], *args: Any, timeout: float = 600.0) -> Any
     return value
 
 
+def stop_holders(conns: Iterable[Any], procs: Iterable[Any]) -> None:
+    """Ask each holder process to exit (it drops what it holds), then reap it; kill one that hangs."""
+    for conn in conns:
+        try:
+            conn.send("exit")
+        except OSError:
+            pass
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def median(xs: Iterable[float]) -> float:
     return float(statistics.median(list(xs)))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.common import ctx, pss_bytes, status_fields, warm
+from benchmarks.common import ctx, pss_bytes, status_fields, stop_holders, warm
 from benchmarks.env import Env
 from benchmarks.report import Row, fmt_b
 from benchmarks.workers import hold
@@ -56,16 +56,7 @@ def _group(env: Env, method: str, path: str, name: str, k: int) -> dict[str, Any
         return {"before": before, "after": after, "growth": after - before, "daemon_pss_before": daemon_before,
                 "daemon_pss_after": daemon_after, "daemon_rss_shmem": daemon_shmem, "bytes": held[0]["bytes"]}
     finally:
-        for conn in conns:
-            try:
-                conn.send("exit")
-            except OSError:
-                pass
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop_holders(conns, procs)
 
 
 def run(env: Env) -> list[Row]:

@@ -14,9 +14,7 @@ transformers) before the clock starts:
 * a Hugging Face directory written by transformers itself (BERT, all-MiniLM-L6-v2's shape):
   ``devmapd.hf.from_pretrained`` vs ``transformers.AutoModel.from_pretrained`` of the same
   directory. Outputs on a fixed input must be bit-identical (sha256 of the output bytes).
-  Until the daemon ships a directory's side files with a fetch, this case is served by the wire
-  test daemon (tests/wire/wiredaemon.py: the real socket server over real sealed arenas read
-  by the engine, shipping config.json with the fetch).
+  A real daemon of its own serves the directory and ships its config.json with the fetch.
 
 The clock stops when the module is built, filled and in eval mode; a forward pass on a fixed
 input runs afterwards (outside the clock) and must give the same bytes for every method.
@@ -24,9 +22,7 @@ input runs afterwards (outside the clock) and must give the same bytes for every
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, ctx, median, pss_bytes, run_child, warm
+from benchmarks.common import ctx, median, pss_bytes, run_child, start_daemon, stop_holders, warm
 from benchmarks.report import Row, fmt_b, fmt_s
 
 TF_METHODS = ("devmapd.load_into(meta)", "load_state_dict(devmapd.load)",
@@ -245,16 +241,7 @@ def _pss_group(kind: str, method: str, args: tuple, k: int) -> tuple[int, int]:
             raise AssertionError(f"{method} holders computed different outputs")
         return sum(pss_bytes(pid) for pid in pids) - before, mapped
     finally:
-        for conn in conns:
-            try:
-                conn.send("exit")
-            except OSError:
-                pass
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop_holders(conns, procs)
 
 
 def _measure(kind: str, methods: tuple[str, ...], args: dict[str, tuple], repeats: int) -> dict[str, list[dict]]:
@@ -267,34 +254,6 @@ def _measure(kind: str, methods: tuple[str, ...], args: dict[str, tuple], repeat
         raise AssertionError(f"{kind}: the methods' outputs differ: "
                              + ", ".join(f"{m}: {rs[0]['digest'][:12]}" for m, rs in runs.items()))
     return runs
-
-
-class WireServer:
-    """The wire test daemon serving one directory (it ships the side files with a fetch)."""
-
-    def __init__(self, base: Path, model_dir: Path):
-        base.mkdir(parents=True, exist_ok=True)
-        self.socket = str(base / "run" / "wire.sock")
-        cfg = {"socket": self.socket, "model_dir": str(model_dir), "socket_mode": 0o600,
-               "fetch_uids": [os.geteuid()], "idle_timeout_s": 600.0}
-        (base / "wire.json").write_text(json.dumps(cfg))
-        self.log = open(base / "wire.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.wire.wiredaemon", str(base / "wire.json")],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.startswith("READY"):
-            self.stop()
-            raise RuntimeError(f"wire daemon did not start: {(base / 'wire.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def run(env: Any) -> list[Row]:
@@ -333,14 +292,15 @@ def run(env: Any) -> list[Row]:
               "arena mappings (the weights, shared); the rest is each process's own heap"),
         data={"pss": pss, "bytes": nbytes, "arena_pss": arena_pss}))
 
-    # -- a Hugging Face directory written by transformers, served by the wire test daemon
+    # -- a Hugging Face directory written by transformers, served by a real daemon of its own
     hf_root = env.base / "hfserve"
     hf_dir = hf_root / "minilm"
     if not hf_dir.is_dir():
         raise RuntimeError("the Hugging Face case needs transformers: pip install 'devmapd[hf]'")
     warm(hf_dir)
-    server = WireServer(env.base / "hfwire", hf_root)
+    server = start_daemon(env.base / "hfdaemon", hf_root)
     try:
+        server.wait_ready(1)
         hargs = {"devmapd.hf.from_pretrained": ("minilm", str(hf_dir), server.socket),
                  "AutoModel.from_pretrained": ("minilm", str(hf_dir), server.socket)}
         runs = _measure("hf", HF_METHODS, hargs, prof.ready_repeats)
@@ -353,8 +313,8 @@ def run(env: Any) -> list[Row]:
             peer=f"AutoModel.from_pretrained {fmt_s(peer)}", ratio=peer / dev,
             ratio_means="speed-up (peer time / devmapd time), outputs bit-identical",
             target=(">=", HF_TARGET),
-            note=(f"hidden {prof.hf_hidden}, {prof.hf_layers} layers, vocab {prof.hf_vocab}; served by "
-                  "the wire test daemon (ships config.json with the fetch) until the daemon does"),
+            note=(f"hidden {prof.hf_hidden}, {prof.hf_layers} layers, vocab {prof.hf_vocab}; the daemon "
+                  "ships config.json with the fetch"),
             data={"devmapd_s": dev, "peer_s": peer, "bytes": nbytes,
                   "all_s": {m: [r["s"] for r in rs] for m, rs in runs.items()}}))
         got = {m: _pss_group("hf", m, hargs[m], k) for m in HF_METHODS}
