@@ -37,8 +37,6 @@ def _transformers() -> Any:
 def side_files(reply: dict) -> dict[str, Any]:
     """The side files a fetch reply carries (``{"config.json": {...}, ...}``), else {}."""
     files = reply.get("side_files")
-    if files is None and isinstance(reply.get("model"), dict):
-        files = reply["model"].get("side_files")
     return files if isinstance(files, dict) else {}
 
 

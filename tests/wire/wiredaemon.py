@@ -107,8 +107,8 @@ class WireDaemon:
                                       "bytes": sum(s.nbytes for s in manifest.segments),
                                       "fetches": 0}
         # Hugging Face directories (a config.json beside the weights), read by the engine; their
-        # JSON side files ride in the fetch reply's model record unless "side_files" is false
-        # (a daemon too old to ship them).
+        # JSON side files ride in the fetch reply, as the real daemon ships them, unless
+        # "side_files" is false (a daemon too old to ship them).
         for d in sorted(p.parent for p in Path(cfg["model_dir"]).glob("*/config.json")):
             from devmapd.engine import checkpoint, sidefiles
             loaded = checkpoint.read(str(d))
@@ -155,11 +155,10 @@ class WireDaemon:
         m["fetches"] += 1
         lease = next(self.lease_ids)
         self.leases[lease] = name
-        record = self._record(name)
-        if m.get("side_files") is not None:
-            record["side_files"] = m["side_files"]
+        files = m.get("side_files")
         return FetchGrant(manifest=m["manifest"], fds=[s.fd for s in m["segments"]], lease=lease,
-                          model=record)
+                          model=self._record(name),
+                          side_files_json=None if files is None else json.dumps(files).encode())
 
     def release(self, lease: Any) -> None:
         if self.leases.pop(lease, None) is None:
